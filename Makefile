@@ -1,0 +1,455 @@
+# boneage: one entry point for the Apolo (formerly Neuro) platform and for local work.
+#
+#   make help                       every target with a one-line description
+#   make setup                      build the project image on the platform (once)
+#   make upload-data training       train on a platform GPU; a preempted job resumes by itself
+#   make demo                       local end-to-end smoke run on synthetic phantoms
+#
+# Every variable below is set with ?= : override it on the command line
+# (make training CONFIG=resnet50 TRAINING_PRESET=gpu-large) or in the environment.
+# Keep comments on their own line: a trailing comment would leave spaces in the value.
+
+##### COMMANDS #####
+
+# Apolo CLI executable (`neuro` is the same program under its old name).
+APOLO ?= apolo
+# Python interpreter used by the local targets.
+PYTHON ?= python
+# pip invocation used by setup-local.
+PIP ?= $(PYTHON) -m pip
+# The boneage CLI used by the local targets.
+BONEAGE ?= boneage
+
+##### PROJECT AND STORAGE #####
+
+# Project name: storage folder, image name, job names and job tag derive from it.
+PROJECT ?= boneage
+# Project folder on platform storage (relative to your current Apolo project).
+PROJECT_STORAGE ?= storage:$(PROJECT)
+# Where the project folder is mounted inside jobs.
+PROJECT_MOUNT ?= /$(PROJECT)
+# Local folders: code, data (holds IMAGES_SUBDIR and LABELS_FILE), notebooks, results.
+CODE_DIR ?= src
+# Local data folder: $(DATA_DIR)/$(IMAGES_SUBDIR) and $(DATA_DIR)/$(LABELS_FILE).
+DATA_DIR ?= data
+# Local notebooks folder.
+NOTEBOOKS_DIR ?= notebooks
+# Local results folder (train-local writes runs here, download-results fills it).
+RESULTS_DIR ?= results
+# Images folder inside the data folder (locally and on storage).
+IMAGES_SUBDIR ?= images
+# Labels CSV inside the data folder (training layout id,boneage,male or the RSNA test layout).
+LABELS_FILE ?= labels.csv
+# Storage locations of code, data, notebooks and results.
+CODE_STORAGE ?= $(PROJECT_STORAGE)/src
+# Storage location of the data (images + labels CSV).
+DATA_STORAGE ?= $(PROJECT_STORAGE)/data
+# Storage location of the notebooks.
+NOTEBOOKS_STORAGE ?= $(PROJECT_STORAGE)/notebooks
+# Storage location of training runs (checkpoints, logs, TensorBoard events).
+RESULTS_STORAGE ?= $(PROJECT_STORAGE)/results
+# Mount points of the same folders inside jobs.
+CODE_MOUNT ?= $(PROJECT_MOUNT)/src
+# Mount point of the data inside jobs (read-only).
+DATA_MOUNT ?= $(PROJECT_MOUNT)/data
+# Mount point of the notebooks inside jobs (read-write).
+NOTEBOOKS_MOUNT ?= $(PROJECT_MOUNT)/notebooks
+# Mount point of the results inside jobs (read-write for training).
+RESULTS_MOUNT ?= $(PROJECT_MOUNT)/results
+# Files `make setup` copies to storage to build the image (pyproject.toml needs README.md).
+PROJECT_FILES ?= requirements.txt apt.txt setup.cfg pyproject.toml README.md
+# Patterns left out when uploading code.
+CODE_EXCLUDE ?= --exclude __pycache__ --exclude '*.pyc' --exclude '*.egg-info'
+
+##### IMAGES #####
+
+# Base image `make setup` starts from (Debian with Python >= 3.10, pip and bash; the pinned
+# torch wheel from PyPI brings its own CUDA libraries).
+BASE_IMAGE ?= python:3.11-slim-bookworm
+# The project image `make setup` saves and every job runs.
+CUSTOM_ENV ?= image:$(PROJECT):latest
+# Image of the filebrowser job.
+FILEBROWSER_IMAGE ?= filebrowser/filebrowser:latest
+
+##### JOB NAMES #####
+
+# Name of the temporary job `make setup` installs packages in.
+SETUP_JOB ?= setup-$(PROJECT)
+# Name of the single-GPU training job.
+TRAINING_JOB ?= training-$(PROJECT)
+# Name of the multi-GPU (DDP) training job.
+TRAINING_DDP_JOB ?= training-ddp-$(PROJECT)
+# Name of the Jupyter job.
+JUPYTER_JOB ?= jupyter-$(PROJECT)
+# Name of the TensorBoard job.
+TENSORBOARD_JOB ?= tensorboard-$(PROJECT)
+# Name of the File Browser job.
+FILEBROWSER_JOB ?= filebrowser-$(PROJECT)
+# Tag put on every job; `make ps` and `make kill` act on the jobs carrying it
+# (apolo-flow tags its jobs project:<id> too).
+JOB_TAG ?= project:$(PROJECT)
+
+##### RESOURCES #####
+
+# Presets (run `apolo config show` for the ones your cluster offers).
+SETUP_PRESET ?= cpu-small
+# Preset of the single-GPU training job.
+TRAINING_PRESET ?= gpu-small
+# Preset of the DDP training job: needs DDP_GPUS GPUs.
+DDP_PRESET ?= gpu-large
+# GPUs in DDP_PRESET = DDP worker processes.
+DDP_GPUS ?= 2
+# Preset of the Jupyter job.
+JUPYTER_PRESET ?= gpu-small
+# Preset of the TensorBoard job.
+TENSORBOARD_PRESET ?= cpu-small
+# Preset of the File Browser job.
+FILEBROWSER_PRESET ?= cpu-small
+# Restart policy of training jobs (never | on-failure | always). on-failure restarts a preempted
+# or crashed job with the same command, and --resume continues from RUN_DIR/last.pt.
+TRAINING_RESTART ?= on-failure
+# Run-time limit of training jobs ('0' disables it).
+TRAINING_LIFE_SPAN ?= 1d
+# Run-time limit of the setup job, a safety net when setup fails half-way.
+SETUP_LIFE_SPAN ?= 4h
+# Platform HTTP authentication of jupyter/tensorboard/filebrowser: --http-auth or --no-http-auth.
+# WARNING: --no-http-auth opens the job's URL (and your data) to anyone who has it.
+HTTP_AUTH ?= --http-auth
+# Global apolo options for the slow `job save` call of `make setup`.
+SAVE_OPTIONS ?= --network-timeout 300
+
+##### TRAINING #####
+
+# Shipped config name (cpu-small, paper-m46, resnet50, inceptionv3) or a YAML path.
+CONFIG ?= paper-m46
+# Run folder name under the results folder; rerunning the same name resumes it.
+RUN_NAME ?= $(basename $(notdir $(CONFIG)))
+# Run folder name of DDP training.
+DDP_RUN_NAME ?= $(RUN_NAME)-ddp
+# Extra arguments appended to `boneage train` (section.key=value overrides, --cache-dir DIR, ...).
+TRAIN_EXTRA ?=
+
+##### LOCAL #####
+
+# HTTP port of jupyter-local.
+JUPYTER_PORT ?= 8888
+# HTTP port of tensorboard-local.
+TENSORBOARD_PORT ?= 6006
+# Output folder of `make demo`.
+DEMO_DIR ?= runs/demo
+# Number of synthetic phantoms `make demo` generates.
+DEMO_N ?= 400
+# Overrides `make demo` passes to `boneage train --config cpu-small`.
+DEMO_TRAIN_EXTRA ?= train.epochs=8 preprocess.size=128 data.val_fraction=0.2
+# Notebook `make notebook-html` executes, and where the HTML goes.
+NOTEBOOK ?= notebooks/demo.ipynb
+# Output folder of `make notebook-html`.
+NOTEBOOK_OUT ?= runs/notebook
+
+# Internal (not meant to be overridden): the two scripts `make setup` runs inside the setup job.
+# apt.txt may hold comments; the package itself is installed from a copy because the mount is read-only.
+_SETUP_APT = export DEBIAN_FRONTEND=noninteractive \
+	&& apt-get -qq update \
+	&& grep -v "^ *\#" $(PROJECT_MOUNT)/apt.txt | xargs -r apt-get -qq install -y --no-install-recommends \
+	&& apt-get -qq clean && rm -rf /var/lib/apt/lists/*
+_SETUP_PIP = python -m pip install --progress-bar=off --no-cache-dir -r $(PROJECT_MOUNT)/requirements.txt \
+	&& rm -rf /tmp/boneage-build && mkdir /tmp/boneage-build \
+	&& cp -r $(PROJECT_MOUNT)/pyproject.toml $(PROJECT_MOUNT)/README.md $(PROJECT_MOUNT)/setup.cfg $(CODE_MOUNT) /tmp/boneage-build/ \
+	&& python -m pip install --progress-bar=off --no-cache-dir --no-deps /tmp/boneage-build \
+	&& rm -rf /tmp/boneage-build
+
+.DEFAULT_GOAL := help
+
+##@ Help
+
+.PHONY: help
+help: ## List every target with its description
+	@awk 'BEGIN {FS = ":.*## "} \
+		/^##@ / {printf "\n%s\n", substr($$0, 5); next} \
+		/^[a-zA-Z0-9_-]+:.*## / {printf "  %-20s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo
+	@echo "Variables (override as make TARGET NAME=value): see docs/platform.md or the top of the Makefile."
+
+##@ Platform: environment
+
+.PHONY: setup
+setup: upload-code ## Build the project image CUSTOM_ENV on the platform (start job, install, save)
+	$(APOLO) kill $(SETUP_JOB) >/dev/null 2>&1 || true
+	$(APOLO) mkdir --parents $(PROJECT_STORAGE)
+	$(APOLO) cp --update --target-directory $(PROJECT_STORAGE) $(PROJECT_FILES)
+	$(APOLO) run \
+		--name $(SETUP_JOB) \
+		--preset $(SETUP_PRESET) \
+		--detach \
+		--life-span $(SETUP_LIFE_SPAN) \
+		--tag $(JOB_TAG) \
+		--volume $(PROJECT_STORAGE):$(PROJECT_MOUNT):ro \
+		$(BASE_IMAGE) \
+		-- sleep infinity
+	$(APOLO) exec --no-tty $(SETUP_JOB) -- bash -c '$(_SETUP_APT)'
+	$(APOLO) exec --no-tty $(SETUP_JOB) -- bash -c '$(_SETUP_PIP)'
+	$(APOLO) $(SAVE_OPTIONS) job save $(SETUP_JOB) $(CUSTOM_ENV)
+	$(APOLO) kill $(SETUP_JOB)
+
+.PHONY: kill-setup
+kill-setup: ## Terminate the setup job (left running when setup fails half-way)
+	-$(APOLO) kill $(SETUP_JOB)
+
+##@ Platform: storage
+
+.PHONY: upload-code
+upload-code: ## Upload src/ to CODE_STORAGE (jobs mount it read-only and import it first)
+	$(APOLO) mkdir --parents $(CODE_STORAGE)
+	$(APOLO) cp --recursive --update --no-target-directory $(CODE_EXCLUDE) $(CODE_DIR) $(CODE_STORAGE)
+
+.PHONY: upload-data
+upload-data: ## Upload local DATA_DIR (images + labels CSV) to DATA_STORAGE
+	@test -d $(DATA_DIR) || { echo "DATA_DIR=$(DATA_DIR) is not a folder: put $(IMAGES_SUBDIR)/ and $(LABELS_FILE) there or pass DATA_DIR=..." >&2; exit 1; }
+	$(APOLO) mkdir --parents $(DATA_STORAGE)
+	$(APOLO) cp --recursive --update --no-target-directory $(DATA_DIR) $(DATA_STORAGE)
+
+.PHONY: upload-notebooks
+upload-notebooks: ## Upload notebooks/ to NOTEBOOKS_STORAGE
+	$(APOLO) mkdir --parents $(NOTEBOOKS_STORAGE)
+	$(APOLO) cp --recursive --update --no-target-directory $(NOTEBOOKS_DIR) $(NOTEBOOKS_STORAGE)
+
+.PHONY: upload
+upload: upload-code upload-notebooks ## Upload code and notebooks
+
+.PHONY: download-notebooks
+download-notebooks: ## Download NOTEBOOKS_STORAGE into notebooks/ (newer files only)
+	$(APOLO) cp --recursive --update --no-target-directory $(NOTEBOOKS_STORAGE) $(NOTEBOOKS_DIR)
+
+.PHONY: download-results
+download-results: ## Download RESULTS_STORAGE (runs, checkpoints, logs) into RESULTS_DIR
+	$(APOLO) cp --recursive --update --no-target-directory $(RESULTS_STORAGE) $(RESULTS_DIR)
+
+.PHONY: clean-code
+clean-code: ## Delete the code from platform storage
+	$(APOLO) rm --recursive $(CODE_STORAGE)
+
+.PHONY: clean-data
+clean-data: ## Delete the data from platform storage
+	$(APOLO) rm --recursive $(DATA_STORAGE)
+
+.PHONY: clean-notebooks
+clean-notebooks: ## Delete the notebooks from platform storage
+	$(APOLO) rm --recursive $(NOTEBOOKS_STORAGE)
+
+.PHONY: clean-results
+clean-results: ## Delete ALL training runs and checkpoints from platform storage
+	$(APOLO) rm --recursive $(RESULTS_STORAGE)
+
+##@ Platform: jobs
+
+.PHONY: training
+training: upload-code ## Train CONFIG on a TRAINING_PRESET GPU; restarts and resumes after preemption
+	$(APOLO) run \
+		--name $(TRAINING_JOB) \
+		--preset $(TRAINING_PRESET) \
+		--detach \
+		--restart $(TRAINING_RESTART) \
+		--life-span $(TRAINING_LIFE_SPAN) \
+		--tag $(JOB_TAG) \
+		--volume $(CODE_STORAGE):$(CODE_MOUNT):ro \
+		--volume $(DATA_STORAGE):$(DATA_MOUNT):ro \
+		--volume $(RESULTS_STORAGE):$(RESULTS_MOUNT):rw \
+		--env PYTHONPATH=$(CODE_MOUNT) \
+		--workdir $(PROJECT_MOUNT) \
+		$(CUSTOM_ENV) \
+		-- boneage train \
+			--config $(CONFIG) \
+			--images $(DATA_MOUNT)/$(IMAGES_SUBDIR) \
+			--labels $(DATA_MOUNT)/$(LABELS_FILE) \
+			--out $(RESULTS_MOUNT)/$(RUN_NAME) \
+			--resume \
+			$(TRAIN_EXTRA)
+	@echo "Follow it with: $(APOLO) logs $(TRAINING_JOB)   (or make logs-training)"
+
+.PHONY: training-ddp
+training-ddp: upload-code ## Train CONFIG with DDP on DDP_GPUS GPUs of DDP_PRESET; resumes too
+	$(APOLO) run \
+		--name $(TRAINING_DDP_JOB) \
+		--preset $(DDP_PRESET) \
+		--detach \
+		--restart $(TRAINING_RESTART) \
+		--life-span $(TRAINING_LIFE_SPAN) \
+		--tag $(JOB_TAG) \
+		--volume $(CODE_STORAGE):$(CODE_MOUNT):ro \
+		--volume $(DATA_STORAGE):$(DATA_MOUNT):ro \
+		--volume $(RESULTS_STORAGE):$(RESULTS_MOUNT):rw \
+		--env PYTHONPATH=$(CODE_MOUNT) \
+		--workdir $(PROJECT_MOUNT) \
+		$(CUSTOM_ENV) \
+		-- boneage train \
+			--config $(CONFIG) \
+			--images $(DATA_MOUNT)/$(IMAGES_SUBDIR) \
+			--labels $(DATA_MOUNT)/$(LABELS_FILE) \
+			--out $(RESULTS_MOUNT)/$(DDP_RUN_NAME) \
+			--resume \
+			--engine ddp \
+			--ddp-workers $(DDP_GPUS) \
+			$(TRAIN_EXTRA)
+	@echo "Follow it with: $(APOLO) logs $(TRAINING_DDP_JOB)"
+
+.PHONY: logs-training
+logs-training: ## Print and follow the training job's logs
+	$(APOLO) logs $(TRAINING_JOB)
+
+.PHONY: connect-training
+connect-training: ## Open a shell inside the running training job
+	$(APOLO) exec $(TRAINING_JOB) -- bash
+
+.PHONY: kill-training
+kill-training: ## Terminate the training job
+	-$(APOLO) kill $(TRAINING_JOB)
+
+.PHONY: kill-training-ddp
+kill-training-ddp: ## Terminate the DDP training job
+	-$(APOLO) kill $(TRAINING_DDP_JOB)
+
+.PHONY: jupyter
+jupyter: upload-code upload-notebooks ## Start JupyterLab on JUPYTER_PRESET and open it in the browser
+	$(APOLO) run \
+		--name $(JUPYTER_JOB) \
+		--preset $(JUPYTER_PRESET) \
+		--http-port 8888 \
+		$(HTTP_AUTH) \
+		--browse \
+		--detach \
+		--tag $(JOB_TAG) \
+		--volume $(CODE_STORAGE):$(CODE_MOUNT):ro \
+		--volume $(DATA_STORAGE):$(DATA_MOUNT):ro \
+		--volume $(NOTEBOOKS_STORAGE):$(NOTEBOOKS_MOUNT):rw \
+		--volume $(RESULTS_STORAGE):$(RESULTS_MOUNT):rw \
+		--env PYTHONPATH=$(CODE_MOUNT) \
+		--workdir $(PROJECT_MOUNT) \
+		$(CUSTOM_ENV) \
+		-- jupyter lab \
+			--no-browser \
+			--ip=0.0.0.0 \
+			--port=8888 \
+			--allow-root \
+			--IdentityProvider.token= \
+			--ServerApp.root_dir=$(PROJECT_MOUNT)
+
+.PHONY: kill-jupyter
+kill-jupyter: ## Terminate the Jupyter job (run download-notebooks first to keep edits locally)
+	-$(APOLO) kill $(JUPYTER_JOB)
+
+.PHONY: tensorboard
+tensorboard: ## Start TensorBoard over RESULTS_STORAGE and open it in the browser
+	$(APOLO) run \
+		--name $(TENSORBOARD_JOB) \
+		--preset $(TENSORBOARD_PRESET) \
+		--http-port 6006 \
+		$(HTTP_AUTH) \
+		--browse \
+		--detach \
+		--tag $(JOB_TAG) \
+		--volume $(RESULTS_STORAGE):$(RESULTS_MOUNT):ro \
+		$(CUSTOM_ENV) \
+		-- tensorboard --host=0.0.0.0 --port=6006 --logdir=$(RESULTS_MOUNT)
+
+.PHONY: kill-tensorboard
+kill-tensorboard: ## Terminate the TensorBoard job
+	-$(APOLO) kill $(TENSORBOARD_JOB)
+
+.PHONY: filebrowser
+filebrowser: ## Start File Browser over PROJECT_STORAGE and open it in the browser
+	$(APOLO) run \
+		--name $(FILEBROWSER_JOB) \
+		--preset $(FILEBROWSER_PRESET) \
+		--http-port 80 \
+		$(HTTP_AUTH) \
+		--browse \
+		--detach \
+		--tag $(JOB_TAG) \
+		--volume $(PROJECT_STORAGE):/srv:rw \
+		$(FILEBROWSER_IMAGE) \
+		-- --noauth --address=0.0.0.0 --port=80 --root=/srv --database=/tmp/filebrowser.db
+
+.PHONY: kill-filebrowser
+kill-filebrowser: ## Terminate the File Browser job
+	-$(APOLO) kill $(FILEBROWSER_JOB)
+
+.PHONY: ps
+ps: ## List this project's running and pending jobs (tagged JOB_TAG)
+	$(APOLO) ps --tag $(JOB_TAG)
+
+.PHONY: kill
+kill: ## Terminate all of this project's jobs (every running or pending job tagged JOB_TAG)
+	@ids="$$($(APOLO) -q ps --tag $(JOB_TAG))" || exit 1; \
+	if [ -n "$$ids" ]; then echo "$(APOLO) kill" $$ids; $(APOLO) kill $$ids; \
+	else echo "No running or pending jobs tagged $(JOB_TAG)."; fi
+
+##@ Local
+
+.PHONY: setup-local
+setup-local: ## Install boneage with all extras into the current Python (prints the apt packages to install)
+	@echo "System packages (Debian/Ubuntu), if missing: sudo apt-get install $$(grep -v '^ *#' apt.txt | xargs)"
+	$(PIP) install -e '.[all]'
+
+.PHONY: train-local
+train-local: ## Train CONFIG locally on DATA_DIR into RESULTS_DIR/RUN_NAME (resumes like the platform job)
+	$(BONEAGE) train \
+		--config $(CONFIG) \
+		--images $(DATA_DIR)/$(IMAGES_SUBDIR) \
+		--labels $(DATA_DIR)/$(LABELS_FILE) \
+		--out $(RESULTS_DIR)/$(RUN_NAME) \
+		--resume \
+		$(TRAIN_EXTRA)
+
+.PHONY: jupyter-local
+jupyter-local: ## Start JupyterLab locally in notebooks/
+	$(PYTHON) -m jupyterlab --notebook-dir=$(NOTEBOOKS_DIR) --port=$(JUPYTER_PORT)
+
+.PHONY: tensorboard-local
+tensorboard-local: ## Start TensorBoard locally over RESULTS_DIR
+	tensorboard --logdir=$(RESULTS_DIR) --port=$(TENSORBOARD_PORT)
+
+.PHONY: demo
+demo: ## Synthetic phantoms -> train cpu-small -> evaluate, in DEMO_DIR (about a minute on CPU)
+	$(BONEAGE) synth --out $(DEMO_DIR)/phantoms --n $(DEMO_N)
+	$(BONEAGE) train \
+		--config cpu-small \
+		--images $(DEMO_DIR)/phantoms/images \
+		--labels $(DEMO_DIR)/phantoms/labels.csv \
+		--out $(DEMO_DIR)/run \
+		$(DEMO_TRAIN_EXTRA)
+	$(BONEAGE) evaluate \
+		--checkpoint $(DEMO_DIR)/run/best.pt \
+		--images $(DEMO_DIR)/phantoms/images \
+		--labels $(DEMO_DIR)/phantoms/labels.csv \
+		--out $(DEMO_DIR)/eval
+
+.PHONY: test
+test: ## Run the test suite
+	$(PYTHON) -m pytest -q
+
+.PHONY: lint
+lint: ## flake8 on src and tests, mypy on src
+	$(PYTHON) -m flake8 src tests
+	$(PYTHON) -m mypy src
+
+.PHONY: bench
+bench: ## Run the benchmarks
+	$(PYTHON) -m benchmarks.run
+
+.PHONY: bench-quick
+bench-quick: ## Run the quick benchmarks
+	$(PYTHON) -m benchmarks.run --quick
+
+.PHONY: bench-serve
+bench-serve: ## Load-test the web service
+	$(PYTHON) -m benchmarks.serve_load
+
+.PHONY: notebook-html
+notebook-html: ## Execute NOTEBOOK and write NOTEBOOK_OUT/demo.html
+	$(PYTHON) -m nbconvert --to html --execute --ExecutePreprocessor.timeout=1200 \
+		--output-dir $(NOTEBOOK_OUT) --output $(basename $(notdir $(NOTEBOOK))) $(NOTEBOOK)
+
+.PHONY: clean-local
+clean-local: ## Delete local demo/notebook outputs and tool caches (keeps RESULTS_DIR and data)
+	rm -rf $(DEMO_DIR) $(NOTEBOOK_OUT) .pytest_cache .mypy_cache .hypothesis
+	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

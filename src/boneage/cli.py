@@ -1,0 +1,200 @@
+"""The ``boneage`` command. Subcommands only parse arguments and call the modules that do the work.
+
+Errors a user can cause (``BoneAgeError``) become one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from boneage import __version__
+from boneage.errors import BoneAgeError
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--images", required=required, help="folder of <id>.png/.jpg radiographs")
+    p.add_argument("--labels", required=required,
+                   help="labels CSV: training layout id,boneage,male or the official RSNA test layout")
+    p.add_argument("--cache-dir", help="where preprocessed caches live (default $BONEAGE_CACHE_DIR or ~/.cache/boneage)")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad rows/images with a warning instead of failing")
+    p.add_argument("--workers", type=int, default=None, help="processes for preprocessing (default: all cores)")
+
+
+def _config(args: argparse.Namespace):
+    from boneage.config import load_config
+
+    overrides = list(getattr(args, "overrides", []) or [])
+    for key, attr in (("data.images", "images"), ("data.labels", "labels"), ("data.cache_dir", "cache_dir")):
+        value = getattr(args, attr, None)
+        if value:
+            overrides.append(f"{key}={Path(value).resolve()}")
+    if getattr(args, "skip_bad", False):
+        overrides.append("data.skip_bad=true")
+    if getattr(args, "engine", None):
+        overrides.append(f"train.engine={args.engine}")
+    if getattr(args, "ddp_workers", None):
+        overrides.append(f"train.ddp_workers={args.ddp_workers}")
+    return load_config(args.config, overrides)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from boneage.data.synth import make_synth_dataset
+
+    out = make_synth_dataset(args.out, args.n, seed=args.seed)
+    print(f"wrote {args.n} synthetic phantoms (demo data, not real radiographs): {out / 'images'} {out / 'labels.csv'}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from boneage.data.cache import default_cache_dir, prepare_cache
+    from boneage.data.rsna import read_labels
+
+    cfg = _config(args)
+    df = read_labels(cfg.data.labels, cfg.data.images, skip_bad=cfg.data.skip_bad)
+    cache = prepare_cache(df, cfg.preprocess, cfg.data.cache_dir or default_cache_dir(), workers=args.workers,
+                          skip_bad=cfg.data.skip_bad)
+    print(f"cache {'reused' if cache.reused else 'built'}: {cache.path} ({len(cache.index)} images, "
+          f"{cfg.preprocess.size}x{cfg.preprocess.size})")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from boneage.training.runner import train
+
+    cfg = _config(args)
+    metrics = train(cfg, args.out, resume=args.resume, workers=args.workers)
+    best = metrics["best"]
+    key = "mae_months" if "mae_months" in best else "accuracy"
+    print(f"best validation {key}: {best[key]:.3f} at epoch {best['epoch']} "
+          f"(baseline predict-the-mean MAE {metrics['target']['baseline_val_mae_months']:.2f} months); "
+          f"{metrics['elapsed_s'] / 60:.1f} min; checkpoints in {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from boneage.inference.evaluate import evaluate
+
+    report = evaluate(args.checkpoint, args.images, args.labels, args.out, tta=args.tta,
+                      cache_dir=args.cache_dir, skip_bad=args.skip_bad, workers=args.workers)
+    print(f"n={report['n']}  MAE {report['mae_months']:.2f}  RMSE {report['rmse_months']:.2f}  "
+          f"median AE {report['median_ae_months']:.2f} months  within 12 m {report['within_12_months_pct']:.1f}%  "
+          f"-> {args.out}/metrics.json")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from boneage.inference.batch import run_predict
+
+    return run_predict(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from boneage.inference.onnx import export_onnx
+
+    out = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from boneage.serve.app import run_server
+
+    return run_server(args)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from boneage.data.download import download_rsna
+
+    download_rsna(args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boneage", description="Pediatric bone age assessment toolkit")
+    parser.add_argument("--version", action="version", version=f"boneage {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="draw synthetic phantom radiographs (demo data, no real patients)")
+    p.add_argument("--out", required=True, help="output folder: OUT/images/<id>.png + OUT/labels.csv")
+    p.add_argument("--n", type=int, default=300, help="number of phantoms")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("prepare", help="decode and preprocess every radiograph once into the cache")
+    _add_data_args(p, required=True)
+    p.add_argument("--config", default="cpu-small", help="config name or YAML path (its preprocess section)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. preprocess.size=256")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a model with Catalyst")
+    p.add_argument("--config", required=True, help="shipped config name (cpu-small, paper-m46, resnet50, "
+                   "inceptionv3) or a YAML path")
+    _add_data_args(p, required=False)
+    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, config.yaml, metrics.json, logs")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists (else start)")
+    p.add_argument("--engine", choices=["auto", "cpu", "gpu", "ddp"], help="override train.engine")
+    p.add_argument("--ddp-workers", type=int, help="processes (GPUs) for --engine ddp")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics, per-image predictions and plots on a labelled set")
+    p.add_argument("--checkpoint", required=True, action="append", help="checkpoint .pt (repeat for an ensemble)")
+    _add_data_args(p, required=True)
+    p.add_argument("--out", required=True, help="output folder: metrics.json, predictions.csv, plots")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="bone-age reports for PNG/JPEG/DICOM files, folders or globs")
+    p.add_argument("paths", nargs="+", metavar="PATH")
+    p.add_argument("--checkpoint", required=True, action="append", help="checkpoint .pt (repeat for an ensemble)")
+    p.add_argument("--sex", help="F or M (default: DICOM PatientSex; else both sexes averaged)")
+    p.add_argument("--chronological-age", help="e.g. 9y3m or 111 (months); default: from DICOM header")
+    p.add_argument("--out", help="folder for JSON/HTML/heatmap/CSV reports")
+    p.add_argument("--tta", dest="tta", action="store_true", default=True, help="test-time augmentation (default)")
+    p.add_argument("--no-tta", dest="tta", action="store_false")
+    p.add_argument("--heatmap", dest="heatmap", action="store_true", default=True, help="Grad-CAM heatmap (default)")
+    p.add_argument("--no-heatmap", dest="heatmap", action="store_false")
+    p.add_argument("--right-hand", action="store_true", help="images show a right hand: mirror them")
+    p.add_argument("--keep-identifiers", action="store_true", help="copy DICOM patient identifiers into reports")
+    p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="torch, or an ONNX file via "
+                   "ONNX Runtime (give the .onnx as --checkpoint)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", choices=["onnx"], default="onnx")
+    p.add_argument("--out", help="output .onnx (default: next to the checkpoint)")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="web page and REST API")
+    p.add_argument("--checkpoint", required=True, action="append", help="checkpoint .pt (repeat for an ensemble)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=float, default=50.0)
+    p.add_argument("--workers", type=int, default=2, help="inference threads")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("download", help="fetch the RSNA data from Kaggle (needs an API token)")
+    p.add_argument("--out", default="data/rsna-bone-age")
+    p.set_defaults(func=cmd_download)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except BoneAgeError as exc:
+        print(f"boneage {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"boneage {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,226 @@
+"""One typed config, from YAML + command-line overrides to the runner, saved in every checkpoint.
+
+A config is a tree of dataclasses. ``load_config("cpu-small", ["train.epochs=3"])`` reads a
+shipped config (``src/boneage/configs/<name>.yaml``) or a YAML path, applies dotted overrides
+and validates every key and type, so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from boneage.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the radiographs are and how they are split."""
+
+    images: str | None = None
+    labels: str | None = None
+    cache_dir: str | None = None  # default: $BONEAGE_CACHE_DIR or ~/.cache/boneage
+    val_fraction: float = 0.15
+    n_folds: int = 0  # > 0: k-fold split, ``fold`` picks the validation fold
+    fold: int = 0
+    split_seed: int = 2017
+    skip_bad: bool = False
+    limit: int | None = None  # use only the first N rows (after a seeded shuffle): quick runs
+    num_workers: int = 0
+
+
+@dataclass
+class PreprocessConfig:
+    """The single preprocessing path (``boneage.preprocess``): crop, contrast, resize."""
+
+    size: int = 256
+    crop_hand: bool = False
+    clahe: bool = False
+    clahe_clip_limit: float = 2.0
+    clahe_tile: int = 8
+
+
+@dataclass
+class AugmentConfig:
+    """Albumentations pipelines applied after the cached preprocessing (``boneage.transforms``)."""
+
+    level: str = "light"  # none | paper | light | strong
+    hflip: bool = False  # left hands only: a flip makes a right hand, off by default
+
+
+@dataclass
+class ModelConfig:
+    """Arguments of ``boneage.models.create_model``."""
+
+    name: str = "m46"
+    task: str = "age"  # age | sex
+    sex_input: bool = True
+    pretrained: bool | str = False  # True: ImageNet weights (network); str: a local weights file
+    dropout: float = 0.2
+    width: float = 1.0  # channel multiplier for models that support it
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the Catalyst engine."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adam | adamw | sgd
+    scheduler: str = "onecycle"  # onecycle | cosine | plateau | none
+    loss: str = "l1"  # l1 | smooth_l1 | mse
+    early_stopping_patience: int = 0  # 0: off
+    max_minutes: float | None = None  # wall-clock budget: stop after the epoch that crosses it
+    engine: str = "auto"  # auto | cpu | gpu | ddp
+    ddp_workers: int = 2  # processes for engine=ddp
+    ddp_backend: str = "nccl"  # nccl on GPU, gloo on CPU
+    amp: bool = True  # used on GPU only
+    channels_last: bool = False
+    seed: int = 42
+    num_threads: int | None = None
+    wandb: bool = False
+    log_every: int = 20
+
+
+@dataclass
+class Config:
+    """Everything a run needs; ``asdict(config)`` is what checkpoints store."""
+
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> "Config":
+        return _build(cls, raw, source, "")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _check_value(tp: Any, value: Any, where: str) -> Any:
+    """Coerce/validate ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_value(option, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: section '{prefix or 'top level'}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(prefix + k for k in unknown)}; "
+            f"valid keys here: {', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in raw:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, raw[f.name], source, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _check_value(tp, raw[f.name], f"{source}: {prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs shipped with the package."""
+    folder = resources.files("boneage") / "configs"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> tuple[dict[str, Any], str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text, source = path.read_text(), str(path)
+    else:
+        resource = resources.files("boneage") / "configs" / f"{name_or_path}.yaml"
+        if not resource.is_file():
+            raise ConfigError(
+                f"unknown config '{name_or_path}': give a YAML path or one of {', '.join(shipped_configs())}"
+            )
+        text, source = resource.read_text(), f"config '{name_or_path}'"
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    raw.setdefault("name", path.stem if source == str(path) else name_or_path)
+    return raw, source
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.epochs=5")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
+    return raw
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Read a shipped config by name or a YAML file, apply overrides, validate."""
+    raw, source = _read_yaml(name_or_path)
+    raw = apply_overrides(raw, list(overrides or []))
+    return Config.from_dict(raw, source)

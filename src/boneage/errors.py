@@ -1,0 +1,25 @@
+"""Errors a user can cause. The CLI prints them as one line on stderr and exits non-zero."""
+
+
+class BoneAgeError(Exception):
+    """Base class: the message names the file/row, what is wrong and what to do."""
+
+
+class DataError(BoneAgeError):
+    """A labels file or image folder is malformed."""
+
+
+class ImageReadError(BoneAgeError):
+    """A file could not be decoded as a radiograph."""
+
+
+class UnusableImageError(BoneAgeError):
+    """A file decoded, but is not a usable hand radiograph (blank, colour photo, tiny...)."""
+
+
+class ConfigError(BoneAgeError):
+    """A config file or override is invalid."""
+
+
+class CheckpointError(BoneAgeError):
+    """A checkpoint file is missing, corrupt or incompatible."""

@@ -1,0 +1,1 @@
+"""Inference without Catalyst: predictor, evaluation, reports helpers."""

@@ -1,0 +1,231 @@
+"""``boneage predict``: radiographs -> bone age, clinical interpretation, heatmap and reports.
+
+``predict_array`` analyses one decoded image in memory (the web server's entry point);
+``predict_file`` reads a file, analyses it, writes its reports and never raises for a bad
+file: the returned record (schema: ``boneage/report/SCHEMA.md``) has ``error`` set instead.
+``run_predict`` is the command: a batch goes on past bad files and exits 1 if any failed.
+Nothing here imports torch unless the PyTorch runtime (or Grad-CAM) is used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from boneage.clinical import MAX_AGE_MONTHS, format_age, interpret, parse_age, parse_sex
+from boneage.errors import BoneAgeError, CheckpointError
+from boneage.inference.ensemble import Ensemble
+from boneage.io import ImageMeta, list_images, read_image
+from boneage.preprocess import to_uint8
+from boneage.quality import check_usable
+from boneage.report import empty_record, format_table, write_csv, write_html, write_json, write_png
+
+RADIOGRAPH_MAX_SIDE = 768  # the radiograph embedded in the HTML report
+_MALE = {"M": 1.0, "F": 0.0}
+
+
+@dataclass
+class Analysis:
+    """One analysed image: the JSON record and the pictures for the reports."""
+
+    record: dict[str, Any]
+    radiograph: np.ndarray  # uint8 [H, W] as analysed (mirrored if it was a right hand), long side <= 768
+    heatmap: np.ndarray | None  # RGB uint8 Grad-CAM overlay, or None
+
+
+def load_predictor(checkpoints: Sequence[str | Path], *, runtime: str = "torch", tta: bool = True) -> Ensemble:
+    """``Predictor`` (PyTorch checkpoints) or ``OnnxPredictor`` (``boneage export`` files)."""
+    if runtime == "onnx":
+        from boneage.inference.onnx import OnnxPredictor
+
+        return OnnxPredictor(checkpoints, tta=tta)
+    if runtime != "torch":
+        raise BoneAgeError(f"unknown runtime {runtime!r}: use torch or onnx")
+    onnx_files = [str(c) for c in checkpoints if str(c).lower().endswith(".onnx")]
+    if onnx_files:
+        raise CheckpointError(f"{onnx_files[0]} is an ONNX model: add --runtime onnx (or give the .pt checkpoint)")
+    from boneage.inference.predictor import Predictor
+
+    return Predictor(checkpoints, tta=tta)
+
+
+def parse_request(sex: str | None, chronological_age: str | float | None) -> tuple[str | None, float | None]:
+    """Validate a user's sex and chronological age: ('M'/'F'/None, months/None); ``BoneAgeError`` if invalid."""
+    return (None if sex is None else parse_sex(sex),
+            None if chronological_age is None else parse_age(chronological_age))
+
+
+def _model_fields(predictor: Ensemble) -> dict[str, Any]:
+    return {
+        "model_mae_months": None if predictor.mae_months is None else round(predictor.mae_months, 2),
+        "models": [Path(m.path).name for m in predictor.members],
+        "architectures": [m.config.model.name for m in predictor.members],
+        "runtime": predictor.runtime,
+        "tta": bool(predictor.tta),
+    }
+
+
+def error_record(predictor: Ensemble, file: str | Path, message: str) -> dict[str, Any]:
+    """The record of a file that could not be analysed."""
+    record = empty_record(str(file))
+    record.update(_model_fields(predictor), error=" ".join(message.split()))
+    return record
+
+
+def _round(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
+def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None = None, *,
+                  sex: str | None = None, chronological_age: str | float | None = None,
+                  heatmap: bool = True) -> Analysis:
+    """Analyse a decoded radiograph (``read_image`` output, or any 2-D uint8/uint16 array).
+
+    ``sex``/``chronological_age`` override the DICOM header in ``meta``. Raises ``BoneAgeError``
+    (``UnusableImageError``, invalid sex/age); the heatmap needs the PyTorch runtime.
+    """
+    if meta is None:
+        meta = ImageMeta("<array>", "array", 16 if image.dtype == np.uint16 else 8, *image.shape[:2])
+    check_usable(image, meta)
+    sex_code, ca = parse_request(sex, chronological_age)
+    record = empty_record(meta.path)
+    notes: list[str] = record["warnings"]
+    notes.extend(meta.notes)
+    if sex_code is not None:
+        record["sex_source"] = "cli"
+    elif meta.sex is not None:
+        sex_code, record["sex_source"] = meta.sex, "dicom"
+    else:
+        notes.append("sex unknown: the estimate averages the male and female predictions, and no z-score "
+                     "is given (pass --sex F or M)")
+    ca_source = "cli" if ca is not None else None
+    if ca is None and meta.age_months is not None:
+        ca, ca_source = meta.age_months, "dicom"
+    if meta.mirrored:
+        notes.append("right hand: the image was mirrored to a left hand before analysis")
+
+    male = None if sex_code is None else _MALE[sex_code]
+    months = float(predictor.predict([image], [male])[0])
+    bone_age = float(np.clip(months, 0.0, MAX_AGE_MONTHS))
+    if bone_age != months:
+        notes.append(f"the model's raw output {months:.1f} months was clipped to {bone_age:.0f}; "
+                     "check that this is a pediatric hand radiograph")
+    result = interpret(bone_age, ca, sex_code)
+    record.update(_model_fields(predictor))
+    record.update(
+        bone_age_months=round(bone_age, 1), bone_age_text=format_age(bone_age),
+        chronological_age_months=_round(ca, 1), chronological_age_text=None if ca is None else format_age(ca),
+        chronological_age_source=ca_source, sex=sex_code,
+        difference_months=_round(result.difference_months, 1), sd_months=_round(result.sd_months, 2),
+        z_score=_round(result.z_score, 2), category=result.category, category_reason=result.reason,
+        summary=result.summary, mirrored=meta.mirrored,
+        image={"format": meta.format, "width": meta.width, "height": meta.height, "bit_depth": meta.bit_depth},
+        identifiers=meta.identifiers or None,
+    )
+    overlay = None
+    if heatmap and predictor.runtime == "torch":
+        from boneage.inference.gradcam import heatmap_overlay
+
+        overlay = heatmap_overlay(predictor, image, male)
+    elif heatmap:
+        notes.append("no heatmap: Grad-CAM needs the PyTorch runtime")
+    return Analysis(record, _display(image), overlay)
+
+
+def _display(image: np.ndarray) -> np.ndarray:
+    gray = to_uint8(image)
+    scale = RADIOGRAPH_MAX_SIDE / max(gray.shape)
+    if scale >= 1:
+        return gray
+    size = (max(1, round(gray.shape[1] * scale)), max(1, round(gray.shape[0] * scale)))
+    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA)
+
+
+def write_outputs(record: dict[str, Any], analysis: Analysis | None, out_dir: str | Path, stem: str) -> None:
+    """``<stem>.json`` always; ``<stem>.html`` and ``<stem>_heatmap.png`` for an analysed image."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if analysis is not None and analysis.heatmap is not None:
+        record["heatmap"] = write_png(analysis.heatmap, out_dir / f"{stem}_heatmap.png").name
+    write_json(record, out_dir / f"{stem}.json")
+    if analysis is not None:
+        write_html(record, out_dir / f"{stem}.html", analysis.radiograph, analysis.heatmap)
+
+
+def predict_file(predictor: Ensemble, path: str | Path, *, sex: str | None = None,
+                 chronological_age: str | float | None = None, right_hand: bool | None = None,
+                 keep_identifiers: bool = False, heatmap: bool = True, out_dir: str | Path | None = None,
+                 stem: str | None = None) -> dict[str, Any]:
+    """Read, check and analyse one file; write its reports to ``out_dir`` (if given); return the record.
+
+    A bad file (unreadable, unusable, invalid sex/age) gives a record with ``error`` set, not an
+    exception. ``right_hand=None`` lets DICOM laterality decide; a heatmap is drawn only with ``out_dir``.
+    """
+    analysis = None
+    try:
+        image, meta = read_image(path, right_hand=right_hand, keep_identifiers=keep_identifiers)
+        analysis = predict_array(predictor, image, meta, sex=sex, chronological_age=chronological_age,
+                                 heatmap=heatmap and out_dir is not None)
+        record = analysis.record
+    except BoneAgeError as exc:
+        message = str(exc)
+        record = error_record(predictor, path, message if str(path) in message else f"{path}: {message}")
+    if out_dir is not None:
+        write_outputs(record, analysis, out_dir, stem or Path(path).stem)
+    return record
+
+
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """Report names: the file stems, with -2, -3... added to repeats."""
+    seen: Counter[str] = Counter()
+    stems = []
+    for p in paths:
+        seen[p.stem] += 1
+        stems.append(p.stem if seen[p.stem] == 1 else f"{p.stem}-{seen[p.stem]}")
+    return stems
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    """The ``predict`` command: 0 if every file was analysed, 1 if any failed (``BoneAgeError``: bad arguments)."""
+    sex, ca = parse_request(args.sex, args.chronological_age)  # bad --sex / --chronological-age: before any work
+    paths = list_images(args.paths)
+    if not paths:
+        raise BoneAgeError(f"no images found in {' '.join(args.paths)} (PNG, JPEG or DICOM files, folders, globs)")
+    predictor = load_predictor(args.checkpoint, runtime=args.runtime, tta=args.tta)
+    if args.heatmap and predictor.runtime != "torch" and args.out:
+        print("boneage predict: note: no Grad-CAM heatmaps with --runtime onnx (they need PyTorch)", file=sys.stderr)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    records = []
+    for path, stem in zip(paths, unique_stems(paths)):
+        try:
+            record = predict_file(predictor, path, sex=sex, chronological_age=ca,
+                                  right_hand=True if args.right_hand else None,
+                                  keep_identifiers=args.keep_identifiers, heatmap=args.heatmap,
+                                  out_dir=args.out, stem=stem)
+        except Exception as exc:  # a batch goes on past anything one file can cause
+            record = error_record(predictor, path, f"{path}: unexpected error ({type(exc).__name__}: {exc})")
+            if args.out:
+                write_outputs(record, None, args.out, stem)
+        if record["error"]:
+            print(f"boneage predict: error: {record['error']}", file=sys.stderr)
+        records.append(record)
+    print(format_table(records))
+    mae = predictor.mae_months
+    print(f"model: {', '.join(_model_fields(predictor)['models'])}"
+          + (f"; measured validation MAE {mae:.1f} months" if mae is not None else "")
+          + "; research use only, not a certified medical device")
+    if args.out:
+        csv_path = write_csv(records, Path(args.out) / "predictions.csv")
+        print(f"reports: {Path(args.out)}/<name>.json, .html, _heatmap.png; table: {csv_path}")
+    failed = sum(1 for r in records if r["error"])
+    if failed:
+        print(f"boneage predict: {failed} of {len(records)} file(s) failed", file=sys.stderr)
+    return 1 if failed else 0

@@ -1,0 +1,112 @@
+"""What every runtime (PyTorch, ONNX Runtime) shares: ensembles, test-time augmentation, unknown sex.
+
+No torch here, so the ONNX path can run without it. A runtime supplies members (each with its
+``config``, eval ``transform``, ``path`` and ``mae_months``) and ``predict_member``; the rest is here:
+images go through ``boneage.preprocess.preprocess`` once per distinct preprocessing config, each
+member's output is averaged over TTA views (and over both sexes when the sex is unknown), and
+the members are averaged.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Protocol, Sequence
+
+import cv2
+import numpy as np
+
+from boneage.config import Config, PreprocessConfig
+from boneage.preprocess import preprocess
+
+# (rotation degrees, x shift, y shift as a fraction of the size); the first view is the image itself
+TTA_AFFINES = ((0.0, 0, 0), (-5.0, 0, 0), (5.0, 0, 0), (0.0, 0.03, 0.0), (0.0, -0.03, 0.0), (0.0, 0.0, 0.03))
+
+# x [N, 1, S, S] float32 and male [N] float32 (None for models without a sex input) -> output [N]
+RunFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+class EnsembleMember(Protocol):
+    """One model of an ensemble, whatever runs it."""
+
+    path: str
+    config: Config
+    transform: Any
+
+    @property
+    def mae_months(self) -> float | None: ...
+
+
+def tta_views(image: np.ndarray, hflip: bool) -> list[np.ndarray]:
+    """Small rotations (degrees) and shifts (fraction of size) of a preprocessed uint8 image."""
+    size = image.shape[0]
+    views = []
+    for angle, dx, dy in TTA_AFFINES:
+        m = cv2.getRotationMatrix2D((size / 2, size / 2), angle, 1.0)
+        m[:, 2] += (dx * size, dy * size)
+        views.append(cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderValue=0))
+    if hflip:
+        views.append(np.ascontiguousarray(image[:, ::-1]))
+    return views
+
+
+def average_views(run: RunFn, member: EnsembleMember, images: np.ndarray, male: np.ndarray, *, tta: bool,
+                  batch_size: int = 32) -> np.ndarray:
+    """``run`` on preprocessed uint8 images [N, S, S]: mean over TTA views and, for NaN sex, over M and F."""
+    male = np.asarray(male, dtype=np.float32)
+    out = np.empty(len(images), dtype=np.float64)
+    for start in range(0, len(images), batch_size):
+        chunk = np.asarray(images[start:start + batch_size])
+        views = [tta_views(img, member.config.augment.hflip) if tta else [img] for img in chunk]
+        n_views = len(views[0])
+        x = np.stack([member.transform(image=v)["image"] for vs in views for v in vs]).astype(np.float32)[:, None]
+        sex = np.repeat(male[start:start + len(chunk)], n_views)
+        if member.config.model.sex_input:
+            unknown = np.isnan(sex)
+            pred = (run(x, np.where(unknown, 1.0, sex).astype(np.float32))
+                    + run(x, np.where(unknown, 0.0, sex).astype(np.float32))) / 2
+        else:
+            pred = run(x, None)
+        out[start:start + len(chunk)] = np.asarray(pred, dtype=np.float64).reshape(len(chunk), n_views).mean(axis=1)
+    return out
+
+
+class Ensemble(ABC):
+    """Base of the predictors: ``members`` plus a runtime-specific ``predict_member``."""
+
+    members: Sequence[EnsembleMember]
+    tta: bool
+    runtime: str  # "torch" | "onnx"
+
+    @abstractmethod
+    def predict_member(self, member: Any, images: np.ndarray, male: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Months for preprocessed uint8 images [N, S, S] with one member; NaN sex = mean of both sexes."""
+
+    @property
+    def preprocess_configs(self) -> list[PreprocessConfig]:
+        """Distinct preprocessing settings among the members (usually one)."""
+        seen: list[PreprocessConfig] = []
+        for m in self.members:
+            if m.config.preprocess not in seen:
+                seen.append(m.config.preprocess)
+        return seen
+
+    @property
+    def mae_months(self) -> float | None:
+        """The members' mean validation MAE, as measured in training (what reports quote)."""
+        values = [m.mae_months for m in self.members if m.mae_months is not None]
+        return float(np.mean(values)) if values else None
+
+    def predict_preprocessed(self, by_config: dict[int, np.ndarray], male: np.ndarray) -> np.ndarray:
+        """Ensemble mean; ``by_config[i]`` holds the images preprocessed with ``preprocess_configs[i]``."""
+        configs = self.preprocess_configs
+        preds = [self.predict_member(m, by_config[configs.index(m.config.preprocess)], male) for m in self.members]
+        return np.mean(preds, axis=0)
+
+    def preprocess_all(self, images: Sequence[np.ndarray]) -> dict[int, np.ndarray]:
+        """Decoded radiographs -> ``{config index: uint8 [N, S, S]}`` for ``predict_preprocessed``."""
+        return {i: np.stack([preprocess(img, cfg) for img in images]) for i, cfg in enumerate(self.preprocess_configs)}
+
+    def predict(self, images: Sequence[np.ndarray], male: Sequence[float | None]) -> np.ndarray:
+        """Decoded radiographs (``boneage.io.read_image`` output) -> ensemble months."""
+        sex = np.array([np.nan if m is None else float(m) for m in male], dtype=np.float32)
+        return self.predict_preprocessed(self.preprocess_all(images), sex)

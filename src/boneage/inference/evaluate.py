@@ -1,0 +1,39 @@
+"""``boneage evaluate``: a checkpoint (or ensemble) on a labelled folder -> metrics, CSV, plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from boneage.data.cache import default_cache_dir, prepare_cache
+from boneage.data.rsna import read_labels
+from boneage.evaluation import evaluation_report, save_plots, write_results
+from boneage.inference.predictor import Predictor
+
+
+def evaluate(checkpoints: Sequence[str | Path], images: str | Path, labels: str | Path, out_dir: str | Path, *,
+             tta: bool = False, cache_dir: str | Path | None = None, skip_bad: bool = False,
+             workers: int | None = None) -> dict:
+    """Predict every labelled image through the same cache/preprocessing as training; write results."""
+    predictor = Predictor(list(checkpoints), tta=tta)
+    df = read_labels(labels, images, skip_bad=skip_bad)
+    caches = [prepare_cache(df, cfg, cache_dir or default_cache_dir(), workers=workers, skip_bad=skip_bad)
+              for cfg in predictor.preprocess_configs]
+    ids = set(caches[0].index["id"])
+    for cache in caches[1:]:
+        ids &= set(cache.index["id"])
+    rows = [cache.index["id"].isin(ids).to_numpy() for cache in caches]
+    table = caches[0].index[rows[0]].reset_index(drop=True)
+    by_config = {i: np.asarray(cache.images)[rows[i]] for i, cache in enumerate(caches)}
+    table["predicted"] = predictor.predict_preprocessed(by_config, table["male"].to_numpy(dtype=np.float32))
+    train_mean = float(np.mean([m.mean for m in predictor.members]))
+    report = evaluation_report(table, train_mean=train_mean)
+    report["checkpoints"] = [str(c) for c in checkpoints]
+    report["tta"] = tta
+    report["labels"] = str(labels)
+    write_results(table, report, out_dir)
+    report["plots"] = [str(p) for p in save_plots(table, out_dir)]
+    write_results(table, report, out_dir)
+    return report

@@ -1,0 +1,62 @@
+"""Grad-CAM heatmaps (pytorch-grad-cam) for the PyTorch predictor: where the model looked.
+
+The target layer is each model's ``cam_layer``; the model is wrapped so that the image is its
+only input (the sex is fixed, or both sexes averaged as in prediction), and the regression
+target is the predicted (normalised) age itself. Members of an ensemble that share the first
+member's preprocessing are averaged; the heatmap is drawn over that preprocessed view.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+import torch
+from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam.utils.image import show_cam_on_image
+
+from boneage.inference.predictor import Member, Predictor
+from boneage.preprocess import preprocess
+
+DISPLAY_SIZE = 384
+
+
+class _ImageOnly(torch.nn.Module):
+    """``model(image, male)`` as ``f(image)``: sex fixed, or the mean over both sexes when unknown."""
+
+    def __init__(self, model: torch.nn.Module, sex_input: bool, male: float | None) -> None:
+        super().__init__()
+        self.model, self.sex_input, self.male = model, sex_input, male
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if not self.sex_input:
+            return self.model(image, None)
+        n = image.shape[0]
+        if self.male is None:
+            return (self.model(image, image.new_ones(n)) + self.model(image, image.new_zeros(n))) / 2
+        return self.model(image, image.new_full((n,), float(self.male)))
+
+
+def _regression_target(output: torch.Tensor) -> torch.Tensor:
+    return output
+
+
+def member_cam(member: Member, preprocessed: np.ndarray, male: float | None, device: torch.device) -> np.ndarray:
+    """Grad-CAM of one member for a preprocessed uint8 image [S, S] -> float32 [S, S] in [0, 1]."""
+    x = torch.from_numpy(np.asarray(member.transform(image=preprocessed)["image"], dtype=np.float32))[None, None]
+    wrapped = _ImageOnly(member.model, member.config.model.sex_input, male).eval()
+    with GradCAM(model=wrapped, target_layers=[member.model.cam_layer]) as cam:
+        return cam(input_tensor=x.to(device), targets=[_regression_target])[0]
+
+
+def heatmap_overlay(predictor: Predictor, image: np.ndarray, male: float | None,
+                    display_size: int = DISPLAY_SIZE) -> np.ndarray:
+    """Decoded radiograph -> RGB uint8 [display_size, display_size]: the Grad-CAM over the model's view."""
+    cfg = predictor.preprocess_configs[0]
+    members = [m for m in predictor.members if m.config.preprocess == cfg]
+    cam = np.mean([member_cam(m, preprocess(image, cfg), male, predictor.device) for m in members], axis=0)
+    view = preprocess(image, dataclasses.replace(cfg, size=display_size))  # same crop/letterbox, finer pixels
+    cam = cv2.resize(cam.astype(np.float32), (display_size, display_size), interpolation=cv2.INTER_LINEAR)
+    rgb = np.repeat(view[..., None], 3, axis=2).astype(np.float32) / 255.0
+    return show_cam_on_image(rgb, np.clip(cam, 0, 1), use_rgb=True, image_weight=0.6)

@@ -1,0 +1,152 @@
+"""ONNX export of a checkpoint, and an ONNX Runtime predictor that needs no torch.
+
+The exported graph takes ``image`` float32 [N, 1, S, S] (after ``preprocess`` and the eval
+transform) and ``male`` float32 [N] (1 male, 0 female; absent for models without a sex input)
+and returns ``months`` float32 [N]: the target mean/std are folded into the graph, so the
+output is already in months. The batch size N is dynamic; S is the checkpoint's
+``preprocess.size``. The file's ``metadata_props`` carry what inference needs without torch
+(all values are strings, JSON where structured):
+
+``boneage.config`` (the whole run config), ``boneage.preprocess``, ``boneage.augment``,
+``boneage.target`` (mean/std, informational: already folded in), ``boneage.output`` ("months"),
+``boneage.model_name``, ``boneage.sex_input``, ``boneage.input_size``, ``boneage.model_mae_months``
+(validation MAE, "" if unknown), ``boneage.checkpoint`` (file name) and ``boneage.version``.
+
+Export uses the TorchScript-based ``torch.onnx.export(dynamo=False)``: it honours the requested
+opset exactly (17 by default, the widest runtime support; the torch.export-based exporter starts
+at 18) and takes about a second on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from boneage import __version__
+from boneage.config import Config
+from boneage.errors import CheckpointError
+from boneage.inference.ensemble import Ensemble, average_views
+
+META_PREFIX = "boneage."
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: int = 17) -> Path:
+    """Write ``checkpoint`` as ONNX (default: next to it, ``.onnx``) with the metadata above; returns the path."""
+    import onnx
+    import torch
+
+    from boneage.checkpoint import model_from_checkpoint
+
+    model, cfg, state = model_from_checkpoint(checkpoint)
+    if cfg.model.task != "age":
+        raise CheckpointError(f"{checkpoint} is a '{cfg.model.task}' model; only bone-age models export")
+    out = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mean, std = float(state["target"]["mean"]), float(state["target"]["std"])
+
+    class Months(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, image: torch.Tensor, male: torch.Tensor | None = None) -> torch.Tensor:
+            return self.model(image, male) * std + mean
+
+    size = cfg.preprocess.size
+    inputs: tuple[torch.Tensor, ...] = (torch.zeros(2, 1, size, size),)
+    if cfg.model.sex_input:
+        inputs += (torch.tensor([1.0, 0.0]),)
+    names = ["image", "male"][:len(inputs)]
+    axes = {name: {0: "batch"} for name in [*names, "months"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript-exporter deprecation and tracer notes on shape checks
+        torch.onnx.export(Months().eval(), inputs, str(out), input_names=names, output_names=["months"],
+                          opset_version=opset, dynamic_axes=axes, dynamo=False)
+    mae = (state.get("metrics") or {}).get("mae_months")
+    meta = {
+        "config": json.dumps(cfg.to_dict()),
+        "preprocess": json.dumps(asdict(cfg.preprocess)),
+        "augment": json.dumps(asdict(cfg.augment)),
+        "target": json.dumps({"mean": mean, "std": std, "folded_into_output": True}),
+        "output": "months",
+        "model_name": cfg.model.name,
+        "sex_input": json.dumps(cfg.model.sex_input),
+        "input_size": str(size),
+        "model_mae_months": "" if mae is None else repr(float(mae)),
+        "checkpoint": Path(checkpoint).name,
+        "version": __version__,
+    }
+    proto = onnx.load(str(out))
+    onnx.helper.set_model_props(proto, {META_PREFIX + k: v for k, v in meta.items()})
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(out))
+    return out
+
+
+def read_metadata(session: Any, path: str | Path) -> dict[str, str]:
+    """The ``boneage.*`` metadata of an ONNX Runtime session (prefix removed); checks it is a boneage export."""
+    props = session.get_modelmeta().custom_metadata_map
+    meta = {k[len(META_PREFIX):]: v for k, v in props.items() if k.startswith(META_PREFIX)}
+    if "config" not in meta or meta.get("output") != "months":
+        raise CheckpointError(f"{path} was not written by 'boneage export' (no boneage metadata); export it again")
+    return meta
+
+
+@dataclass
+class OnnxMember:
+    """One exported model: an ONNX Runtime session and the settings from its metadata."""
+
+    path: str
+    session: Any = field(repr=False)
+    config: Config
+    metadata: dict[str, str]
+    transform: Any = field(repr=False)
+
+    @property
+    def mae_months(self) -> float | None:
+        value = self.metadata.get("model_mae_months", "")
+        return float(value) if value else None
+
+
+class OnnxPredictor(Ensemble):
+    """The ``Predictor`` interface on ONNX Runtime: same preprocessing, TTA and ensembling, no torch."""
+
+    runtime = "onnx"
+
+    def __init__(self, paths: Sequence[str | Path], *, tta: bool = False, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        from boneage.transforms import build_transforms
+
+        if not paths:
+            raise CheckpointError("no model given; pass --checkpoint MODEL.onnx (repeat it for an ensemble)")
+        self.tta = tta
+        self.members: list[OnnxMember] = []
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        for path in paths:
+            if not Path(path).is_file():
+                raise CheckpointError(f"ONNX model {path} not found; write one with 'boneage export'")
+            try:
+                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            except Exception as exc:
+                raise CheckpointError(f"{path} is not a readable ONNX model ({exc})") from exc
+            meta = read_metadata(session, path)
+            cfg = Config.from_dict(json.loads(meta["config"]), source=f"{path} metadata")
+            self.members.append(OnnxMember(str(path), session, cfg, meta, build_transforms(cfg.augment, "eval")))
+
+    def predict_member(self, member: OnnxMember, images: np.ndarray, male: np.ndarray,
+                       batch_size: int = 32) -> np.ndarray:
+        """Months for preprocessed uint8 images [N, S, S] with one member; NaN sex = mean of both sexes."""
+
+        def run(x: np.ndarray, sex: np.ndarray | None) -> np.ndarray:
+            feeds = {"image": x} if sex is None else {"image": x, "male": sex}
+            return member.session.run(["months"], feeds)[0]
+
+        return average_views(run, member, images, male, tta=self.tta, batch_size=batch_size)

@@ -1,0 +1,77 @@
+"""PyTorch inference: checkpoints -> bone age in months, with ensembles and TTA.
+
+Every member model keeps its own preprocessing settings (read from its checkpoint) and goes
+through the same ``boneage.preprocess.preprocess`` and ``build_transforms(..., "eval")`` as in
+training. Several checkpoints are averaged; test-time augmentation averages small rotations
+and shifts (and a flip only if the model was trained with flips): see ``boneage.inference.ensemble``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from boneage.checkpoint import model_from_checkpoint
+from boneage.config import Config
+from boneage.errors import CheckpointError
+from boneage.inference.ensemble import Ensemble, average_views
+from boneage.transforms import build_transforms
+
+
+@dataclass
+class Member:
+    """One checkpoint of an ensemble."""
+
+    path: str
+    model: torch.nn.Module
+    config: Config
+    state: dict
+    transform: object = field(repr=False, default=None)
+
+    @property
+    def mean(self) -> float:
+        return float(self.state["target"]["mean"])
+
+    @property
+    def std(self) -> float:
+        return float(self.state["target"]["std"])
+
+    @property
+    def mae_months(self) -> float | None:
+        value = (self.state.get("metrics") or {}).get("mae_months")
+        return None if value is None else float(value)
+
+
+class Predictor(Ensemble):
+    """An ensemble of checkpoints (one or more) ready to predict with PyTorch."""
+
+    runtime = "torch"
+
+    def __init__(self, checkpoints: Sequence[str | Path], *, tta: bool = False, device: str = "cpu") -> None:
+        if not checkpoints:
+            raise CheckpointError("no checkpoint given; pass --checkpoint PATH (repeat it for an ensemble)")
+        self.device = torch.device(device)
+        self.tta = tta
+        self.members: list[Member] = []
+        for path in checkpoints:
+            model, cfg, state = model_from_checkpoint(path)
+            if cfg.model.task != "age":
+                raise CheckpointError(f"{path} is a '{cfg.model.task}' model; bone age needs task=age")
+            member = Member(str(path), model.to(self.device), cfg, state, build_transforms(cfg.augment, "eval"))
+            self.members.append(member)
+
+    @torch.inference_mode()
+    def predict_member(self, member: Member, images: np.ndarray, male: np.ndarray,
+                       batch_size: int = 32) -> np.ndarray:
+        """Months for preprocessed uint8 images [N, S, S] with one member; NaN sex = mean of both sexes."""
+
+        def run(x: np.ndarray, sex: np.ndarray | None) -> np.ndarray:
+            male_t = None if sex is None else torch.from_numpy(sex).to(self.device)
+            return member.model(torch.from_numpy(x).to(self.device), male_t).float().cpu().numpy()
+
+        normalised = average_views(run, member, images, male, tta=self.tta, batch_size=batch_size)
+        return normalised * member.std + member.mean

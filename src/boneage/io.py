@@ -1,0 +1,258 @@
+"""The only place that decodes radiograph files: PNG (8/16-bit), JPEG and DICOM.
+
+``read_image(path)`` returns a 2-D grayscale array (uint8 or uint16) and an ``ImageMeta``.
+Colour files are converted to gray, and ``meta.colourfulness`` keeps how colourful they were,
+so the quality check (``boneage.quality``) can refuse photographs. DICOM files come out as a
+left hand with MONOCHROME2 polarity, modality and VOI LUTs applied.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from boneage.clinical import parse_sex
+from boneage.errors import BoneAgeError, ImageReadError
+
+MAX_PIXELS = 100_000_000  # decompression-bomb limit: ~10k x 10k
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+DICOM_IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
+
+
+@dataclass
+class ImageMeta:
+    """What decoding learned about a file. Identifiers stay empty unless asked for."""
+
+    path: str
+    format: str  # png | jpeg | dicom
+    bit_depth: int
+    height: int
+    width: int
+    channels: int = 1
+    colourfulness: float = 0.0  # mean |R-G|+|G-B| of the original, 0 for gray files
+    sex: str | None = None  # "M" | "F" from DICOM PatientSex
+    age_months: float | None = None  # from DICOM PatientAge or birth/study dates
+    mirrored: bool = False  # a right hand was flipped to a left hand
+    identifiers: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # header values that were present but not understood
+
+
+def _sniff(path: Path, head: bytes) -> str:
+    if head.startswith(b"\x89PNG"):
+        return "png"
+    if head[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if path.suffix.lower() in (".dcm", ".dicom"):
+        return "dicom"  # DICOM without preamble: let pydicom try with force
+    raise ImageReadError(
+        f"{path}: not a PNG, JPEG or DICOM file (first bytes {head[:8]!r}); give a radiograph image"
+    )
+
+
+def read_image(
+    path: str | Path,
+    *,
+    right_hand: bool | None = None,
+    keep_identifiers: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[np.ndarray, ImageMeta]:
+    """Decode ``path`` into a 2-D uint8/uint16 array and its metadata.
+
+    ``right_hand=True`` mirrors the image; ``None`` lets DICOM laterality decide.
+    Raises ``ImageReadError`` with the file name and the reason for anything unreadable.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageReadError(f"{path}: file not found")
+    if path.is_dir():
+        raise ImageReadError(f"{path}: is a folder, not an image file")
+    if path.stat().st_size == 0:
+        raise ImageReadError(f"{path}: file is empty (0 bytes)")
+    with path.open("rb") as fh:
+        head = fh.read(132)
+    kind = _sniff(path, head)
+    if kind == "dicom":
+        array, meta = _read_dicom(path, keep_identifiers, max_pixels)
+    else:
+        array, meta = _read_pil(path, kind, max_pixels)
+    mirror = meta.mirrored if right_hand is None else right_hand
+    if mirror:
+        array = np.ascontiguousarray(array[:, ::-1])
+    meta.mirrored = bool(mirror)
+    return array, meta
+
+
+def _read_pil(path: Path, kind: str, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > max_pixels:
+                raise ImageReadError(
+                    f"{path}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels} "
+                    "(possible decompression bomb); downscale the image first"
+                )
+            img.load()
+            mode = img.mode
+            if mode in ("I;16", "I;16B", "I;16L", "I"):
+                array = np.asarray(img, dtype=np.int64)
+                array = np.clip(array, 0, 65535).astype(np.uint16)
+                bit_depth, channels, colour = 16, 1, 0.0
+            elif mode in ("L", "1", "LA"):
+                array = np.asarray(img.convert("L"), dtype=np.uint8)
+                bit_depth, channels, colour = 8, 1, 0.0
+            else:  # RGB, RGBA, palette, CMYK, YCbCr...: gray, remembering how colourful it was
+                rgb = img.convert("RGB")
+                colour = colourfulness(np.asarray(rgb))
+                array = np.asarray(rgb.convert("L"), dtype=np.uint8)
+                bit_depth, channels = 8, 3
+    except ImageReadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{path}: too many pixels ({exc}); downscale the image first") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{path}: corrupt or truncated {kind.upper()} ({exc}); re-export the file") from exc
+    h, w = array.shape
+    return array, ImageMeta(str(path), kind, bit_depth, h, w, channels, colour)
+
+
+def colourfulness(rgb: np.ndarray) -> float:
+    """Mean |R-G| + |G-B| of an RGB array (0 for gray pixels); photographs score tens."""
+    rgb = rgb.astype(np.int32)
+    return float(np.mean(np.abs(rgb[..., 0] - rgb[..., 1]) + np.abs(rgb[..., 1] - rgb[..., 2])))
+
+
+_AGE_RE = re.compile(r"^(\d{1,3})\s*([DWMY])$")
+
+
+def parse_dicom_age(value: str) -> float | None:
+    """DICOM AS value ('009Y', '111M', '020W', '100D'; also the common '9Y') to months; None if malformed."""
+    match = _AGE_RE.match(value.strip().upper()) if value else None
+    if not match:
+        return None
+    n, unit = int(match.group(1)), match.group(2)
+    return {"D": n / 30.4375, "W": n * 7 / 30.4375, "M": float(n), "Y": n * 12.0}[unit]
+
+
+def _dicom_sex(value: str) -> str | None:
+    """'M' / 'F' from PatientSex (also the non-standard 'male', 'female'...); None for 'O', empty or junk."""
+    try:
+        return parse_sex(value) if value else None
+    except BoneAgeError:
+        return None
+
+
+def _dicom_date(value: Any) -> dt.date | None:
+    try:
+        return dt.datetime.strptime(str(value), "%Y%m%d").date()
+    except (TypeError, ValueError):
+        return None
+
+
+def _read_dicom(path: Path, keep_identifiers: bool, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as exc:  # pragma: no cover - depends on extras
+        raise ImageReadError(f"{path}: reading DICOM needs pydicom: pip install 'boneage[dicom]'") from exc
+    # pydicom's validation warnings quote element values, patient names included: never show them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ds = pydicom.dcmread(str(path), force=True)
+            has_pixels = "PixelData" in ds
+        except Exception as exc:
+            raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from exc
+        if not has_pixels:
+            raise ImageReadError(f"{path}: DICOM file has no pixel data (a report or structured document?)")
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        if rows * cols > max_pixels:
+            raise ImageReadError(f"{path}: {cols}x{rows} pixels exceeds the limit of {max_pixels}")
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        if frames != 1:
+            raise ImageReadError(f"{path}: DICOM holds {frames} frames; give a single-frame radiograph")
+        raw, colour = _dicom_pixels(path, ds, apply_modality_lut, apply_voi_lut)
+        notes = []
+        raw_sex = str(ds.get("PatientSex", "") or "").strip()
+        sex = _dicom_sex(raw_sex)
+        if raw_sex and sex is None:
+            notes.append(f"DICOM PatientSex {raw_sex!r} is neither M nor F: sex treated as unknown")
+        raw_age = str(ds.get("PatientAge", "") or "").strip()
+        age = parse_dicom_age(raw_age)
+        if age is None:
+            birth, study = _dicom_date(ds.get("PatientBirthDate")), _dicom_date(ds.get("StudyDate"))
+            if birth and study and study >= birth:
+                age = (study - birth).days / 30.4375
+            if raw_age:
+                notes.append(f"DICOM PatientAge {raw_age!r} is not a DICOM age (e.g. 009Y, 111M): "
+                             + ("age taken from the birth and study dates" if age is not None else "ignored"))
+        laterality = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
+        inverse = (str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+                   or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE")
+        identifiers = {}
+        if keep_identifiers:
+            identifiers = {k: str(ds.get(k)) for k in DICOM_IDENTIFIERS if ds.get(k) not in (None, "")}
+        bits = int(ds.get("BitsStored", 16) or 16)
+    data = np.asarray(raw, dtype=np.float64)
+    lo, hi = float(np.min(data)), float(np.max(data))
+    scaled = (data - lo) / (hi - lo) if hi > lo else np.zeros_like(data)
+    if inverse and colour == 0.0:
+        scaled = 1.0 - scaled
+    array = np.round(scaled * 65535).astype(np.uint16)
+    meta = ImageMeta(
+        str(path), "dicom", bits, array.shape[0], array.shape[1], 3 if colour else 1,
+        colour, sex, age, laterality == "R", identifiers, notes,
+    )
+    return array, meta
+
+
+def _dicom_pixels(path: Path, ds: Any, modality_lut: Any, voi_lut: Any) -> tuple[np.ndarray, float]:
+    """Decoded 2-D pixels with the modality and VOI LUTs applied (gray), and the colourfulness."""
+    try:
+        raw = ds.pixel_array
+    except Exception as exc:
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        hint = (" (compressed DICOM needs pip install 'boneage[dicom]' for pylibjpeg)"
+                if syntax is not None and syntax.is_compressed else "")
+        raise ImageReadError(f"{path}: cannot decode DICOM pixel data: {exc}{hint}") from exc
+    if int(ds.get("SamplesPerPixel", 1) or 1) == 3 and raw.ndim == 3:  # RGB secondary capture
+        return raw.astype(np.float64).mean(axis=-1), colourfulness(raw)
+    if raw.ndim != 2:
+        raise ImageReadError(f"{path}: DICOM pixel data has shape {raw.shape}; expected one 2-D frame")
+    return voi_lut(modality_lut(raw, ds), ds), 0.0
+
+
+def _is_dicom_without_suffix(path: Path) -> bool:
+    """PACS exports often have no extension: recognise them by the 'DICM' magic."""
+    if path.suffix:
+        return False
+    with path.open("rb") as fh:
+        return fh.read(132)[128:132] == b"DICM"
+
+
+def list_images(inputs: list[str | Path]) -> list[Path]:
+    """Expand files, folders and globs into a list of image paths.
+
+    Folders give their files with a known suffix (and suffix-less DICOM files), sorted. A missing
+    file, or a glob that matches nothing, is kept as given so ``read_image`` reports it per file.
+    """
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if any(ch in str(item) for ch in "*?["):
+            root, pattern = (Path(p.anchor), str(p.relative_to(p.anchor))) if p.is_absolute() else (Path(), str(p))
+            matches = sorted(x for x in root.glob(pattern) if x.is_file())
+            found.extend(matches or [p])
+        elif p.is_dir():
+            found.extend(sorted(x for x in p.iterdir() if x.is_file() and (
+                x.suffix.lower() in IMAGE_SUFFIXES or _is_dicom_without_suffix(x))))
+        else:
+            found.append(p)
+    return found

@@ -1,0 +1,155 @@
+"""Model registry (timm style) and the weight-loading helpers shared by the backbones.
+
+``@register_model("name")`` registers a builder ``fn(*, task, sex_input, pretrained, dropout, width)``;
+``create_model`` validates the arguments once, for every model, and calls it. ``timm:<name>`` builds
+any timm backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import torch
+from torch import nn
+
+from boneage.errors import ConfigError
+
+Builder = TypeVar("Builder", bound=Callable[..., nn.Module])
+
+TASKS = ("age", "sex")
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator: make ``fn`` available as ``create_model(name)``."""
+
+    def decorator(fn: Builder) -> Builder:
+        if name in _REGISTRY:
+            raise ValueError(f"model '{name}' is registered twice")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Names accepted by ``create_model`` (besides ``timm:<name>``)."""
+    return sorted(_REGISTRY)
+
+
+def create_model(
+    name: str,
+    *,
+    task: str = "age",
+    sex_input: bool = True,
+    pretrained: bool | str = False,
+    dropout: float = 0.2,
+    width: float = 1.0,
+) -> nn.Module:
+    """Build a model: ``forward(image [B,1,H,W], male [B] | None) -> [B]`` with a ``cam_layer``.
+
+    task: ``"age"`` (normalised age regression) or ``"sex"`` (a logit; needs ``sex_input=False``).
+    pretrained: ``True`` for ImageNet weights (downloaded), or the path of a local state_dict file.
+    """
+    if task not in TASKS:
+        raise ConfigError(f"model.task must be one of {', '.join(TASKS)}, got '{task}'")
+    if task == "sex" and sex_input:
+        raise ConfigError("model.task=sex predicts the sex, so it cannot take it as input: set model.sex_input=false")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {dropout}")
+    if width <= 0:
+        raise ConfigError(f"model.width must be positive, got {width}")
+    if name.startswith("timm:"):
+        from boneage.models.timm_models import create_timm_model
+
+        builder: Callable[..., nn.Module] = create_timm_model
+        kwargs = {"name": name[len("timm:"):]}
+    elif name in _REGISTRY:
+        builder, kwargs = _REGISTRY[name], {}
+    else:
+        raise ConfigError(
+            f"unknown model '{name}'; available: {', '.join(list_models())}, "
+            "or timm:<name> for any timm backbone (e.g. timm:efficientnet_b0)"
+        )
+    return builder(task=task, sex_input=sex_input, pretrained=pretrained, dropout=dropout, width=width, **kwargs)
+
+
+def scale_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """``channels * width`` rounded to a multiple of ``divisor`` (at least ``divisor``)."""
+    return max(divisor, int(round(channels * width / divisor)) * divisor)
+
+
+def require_no_pretrained(name: str, pretrained: bool | str) -> None:
+    """Models trained from scratch have no ImageNet weights to load."""
+    if pretrained is not False:
+        raise ConfigError(
+            f"model '{name}' is trained from scratch and has no pretrained weights: set model.pretrained=false"
+        )
+
+
+def require_unit_width(name: str, width: float) -> None:
+    """Backbones with a fixed architecture cannot be widened."""
+    if width != 1.0:
+        raise ConfigError(f"model '{name}' has a fixed width: set model.width=1.0 (got {width})")
+
+
+def download_error(name: str, exc: Exception) -> ConfigError:
+    """The error for pretrained=True when the weights cannot be fetched."""
+    return ConfigError(
+        f"cannot download the ImageNet weights of '{name}' ({type(exc).__name__}: {exc}); no network? "
+        "Download the weights elsewhere and pass the local file: --pretrained /path/to/weights.pth "
+        "(config: model.pretrained=/path/to/weights.pth)"
+    )
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a state_dict file saved with ``torch.save`` (``weights_only=True``: no code runs)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(
+            f"pretrained weights file {file} not found; model.pretrained takes true (ImageNet) or a state_dict file"
+        )
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"pretrained weights file {file} cannot be read as a torch state_dict ({exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"pretrained weights file {file} is not a state_dict (a dict of tensors)")
+    return state
+
+
+def sum_rgb(weight: torch.Tensor) -> torch.Tensor:
+    """RGB kernels -> one grayscale kernel: their sum responds to a gray image as the RGB conv did."""
+    return weight.sum(dim=1, keepdim=True)
+
+
+def load_backbone_state(
+    backbone: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    first_convs: Sequence[str],
+    drop_prefixes: Sequence[str],
+    to_gray: Callable[[torch.Tensor], torch.Tensor] = sum_rgb,
+) -> None:
+    """Load ImageNet-style weights into a 1-channel, headless ``backbone``.
+
+    Keys under ``drop_prefixes`` (the ImageNet classifier...) are ignored and the 3-channel
+    ``first_convs`` weights are made 1-channel with ``to_gray``; every other key must match exactly.
+    """
+    state = {k: v for k, v in state.items() if not k.startswith(tuple(drop_prefixes))}
+    for conv in first_convs:
+        key = f"{conv}.weight"
+        if key in state and state[key].ndim == 4 and state[key].shape[1] != 1:
+            state[key] = to_gray(state[key])
+    try:
+        result = backbone.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ConfigError(f"weights from {source} do not fit the backbone: {exc}") from exc
+    if result.missing_keys or result.unexpected_keys:
+        raise ConfigError(
+            f"weights from {source} do not fit the backbone: {len(result.missing_keys)} missing key(s) "
+            f"{result.missing_keys[:3]}, {len(result.unexpected_keys)} unexpected key(s) {result.unexpected_keys[:3]}"
+        )

@@ -1,0 +1,45 @@
+"""The per-image JSON record (schema version 1.0): field order, empty record, fixed texts.
+
+Every record has every field, in this order; fields that do not apply are ``null``. A file that
+could not be analysed has ``error`` set and null results. See ``SCHEMA.md`` beside this module
+for each field's meaning. Additive changes bump the minor version, anything else the major.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from boneage import __version__
+from boneage.clinical import REFERENCE as GP_REFERENCE
+
+SCHEMA_VERSION = "1.0"
+DISCLAIMER = (
+    "Research use only \u2014 not a certified medical device. This estimate must not be used for "
+    "diagnosis or treatment; a qualified clinician must read the radiograph."
+)
+RSNA_REFERENCE = (
+    "Halabi SS, Prevedello LM, Kalpathy-Cramer J, et al. The RSNA Pediatric Bone Age Machine Learning "
+    "Challenge. Radiology 2019;290(2):498-503"
+)
+REFERENCES = (GP_REFERENCE, RSNA_REFERENCE)
+
+FIELDS = (
+    "schema_version", "file", "error",
+    "bone_age_months", "bone_age_text",
+    "chronological_age_months", "chronological_age_text", "chronological_age_source",
+    "sex", "sex_source",
+    "difference_months", "sd_months", "z_score", "category", "category_reason", "summary",
+    "model_mae_months", "models", "architectures", "runtime", "tta",
+    "mirrored", "image", "heatmap", "warnings",
+    "references", "disclaimer", "boneage_version", "identifiers",
+)
+
+
+def empty_record(file: str) -> dict[str, Any]:
+    """A record with every field: nulls, an empty warnings list and the fixed texts filled in."""
+    record: dict[str, Any] = dict.fromkeys(FIELDS)
+    record.update(
+        schema_version=SCHEMA_VERSION, file=file, sex_source="unknown", warnings=[],
+        references=list(REFERENCES), disclaimer=DISCLAIMER, boneage_version=__version__,
+    )
+    return record

@@ -1,0 +1,1 @@
+"""Training: the Catalyst runner and its callbacks."""

@@ -1,0 +1,235 @@
+"""Training with Catalyst, top to bottom.
+
+``train(cfg, run_dir)``:
+1. read and validate the labels (``boneage.data.rsna``), build or reuse the preprocessing cache;
+2. split train/validation (stratified by age band and sex, or k-fold);
+3. normalise the target with the training split's mean and std;
+4. run ``BoneAgeRunner`` (a Catalyst ``IRunner``) whose callbacks compute validation MAE in
+   months on the whole validation set, write checkpoints atomically, resume, stop early.
+
+Engines: ``cpu``, ``gpu`` (AMP optional) and ``ddp`` (Catalyst's DistributedDataParallelEngine;
+gloo on CPU, nccl on GPU). Only rank 0 writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from catalyst import dl
+from torch.utils.data import DataLoader
+
+from boneage.config import Config
+from boneage.data.cache import default_cache_dir, open_cache, prepare_cache
+from boneage.data.dataset import BoneAgeDataset
+from boneage.data.rsna import read_labels
+from boneage.data.splits import kfold_split, train_val_split
+from boneage.errors import ConfigError
+from boneage.models import create_model
+from boneage.training.callbacks import CheckpointCallback, MonthsMetricCallback, TimeBudgetCallback
+from boneage.transforms import build_transforms
+
+ENGINES = ("auto", "cpu", "gpu", "ddp")
+
+
+def build_engine(cfg: Config) -> dl.Engine:
+    """The Catalyst engine for ``train.engine`` (``auto``: GPU if available, else CPU)."""
+    t = cfg.train
+    if t.engine not in ENGINES:
+        raise ConfigError(f"train.engine '{t.engine}' is unknown; use one of {', '.join(ENGINES)}")
+    cuda = torch.cuda.is_available()
+    if t.engine == "gpu" and not cuda:
+        raise ConfigError("train.engine=gpu but no CUDA device is visible; use --engine cpu")
+    precision = "fp16" if (t.amp and cuda) else "no"
+    if t.engine == "ddp":
+        backend = t.ddp_backend if cuda else "gloo"
+        return dl.DistributedDataParallelEngine(
+            num_node_workers=t.ddp_workers, process_group_kwargs={"backend": backend},
+            port=int(os.environ.get("MASTER_PORT", 29517)), cpu=not cuda, mixed_precision=precision)
+    if t.engine == "cpu" or (t.engine == "auto" and not cuda):
+        return dl.CPUEngine()
+    return dl.GPUEngine(mixed_precision=precision)
+
+
+class BoneAgeRunner(dl.IRunner):
+    """Builds every component from one ``Config``; behaviour lives in the callbacks."""
+
+    def __init__(self, cfg: Config, run_dir: Path, cache_path: Path, train_idx: np.ndarray,
+                 val_idx: np.ndarray, target: dict[str, float], resume_from: Path | None) -> None:
+        super().__init__()
+        self.cfg, self.run_dir, self.cache_path = cfg, run_dir, cache_path
+        self.train_idx, self.val_idx = train_idx, val_idx
+        self.target, self.resume_from = target, resume_from
+
+    # --- what to build ---------------------------------------------------------------
+    @property
+    def seed(self) -> int:
+        return self.cfg.train.seed
+
+    @property
+    def num_epochs(self) -> int:
+        return self.cfg.train.epochs
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        return {f"{section}.{k}": v for section, values in self.cfg.to_dict().items()
+                if isinstance(values, dict) for k, v in values.items()}
+
+    def get_engine(self) -> dl.Engine:
+        return build_engine(self.cfg)
+
+    def get_loggers(self) -> dict[str, Any]:
+        loggers: dict[str, Any] = {
+            "console": dl.ConsoleLogger(),
+            "csv": dl.CSVLogger(logdir=str(self.run_dir / "logs")),
+            "tensorboard": dl.TensorboardLogger(logdir=str(self.run_dir / "tensorboard")),
+        }
+        if self.cfg.train.wandb:
+            loggers["wandb"] = dl.WandbLogger(project=os.environ.get("WANDB_PROJECT", "boneage"),
+                                              name=self.run_dir.name, log_batch_metrics=False)
+        return loggers
+
+    def get_loaders(self) -> dict[str, DataLoader]:
+        cfg, task = self.cfg, self.cfg.model.task
+        cache = open_cache(self.cache_path)
+        train = BoneAgeDataset(cache, self.train_idx, build_transforms(cfg.augment, "train"),
+                               self.target["mean"], self.target["std"], task)
+        valid = BoneAgeDataset(cache, self.val_idx, build_transforms(cfg.augment, "eval"),
+                               self.target["mean"], self.target["std"], task)
+        workers = cfg.data.num_workers
+        common = {"num_workers": workers, "persistent_workers": workers > 0,
+                  "pin_memory": torch.cuda.is_available()}
+        return {
+            "train": DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True,
+                                drop_last=len(train) > cfg.train.batch_size, **common),
+            "valid": DataLoader(valid, batch_size=cfg.train.batch_size * 2, shuffle=False, **common),
+        }
+
+    def get_model(self) -> torch.nn.Module:
+        m = self.cfg.model
+        model = create_model(m.name, task=m.task, sex_input=m.sex_input, pretrained=m.pretrained,
+                             dropout=m.dropout, width=m.width)
+        if self.cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def get_criterion(self) -> torch.nn.Module:
+        if self.cfg.model.task == "sex":
+            return torch.nn.BCEWithLogitsLoss()
+        losses = {"l1": torch.nn.L1Loss, "smooth_l1": torch.nn.SmoothL1Loss, "mse": torch.nn.MSELoss}
+        if self.cfg.train.loss not in losses:
+            raise ConfigError(f"train.loss '{self.cfg.train.loss}' is unknown; use one of {', '.join(losses)}")
+        return losses[self.cfg.train.loss]()
+
+    def get_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        if t.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        if t.optimizer == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True,
+                                   weight_decay=t.weight_decay)
+        raise ConfigError(f"train.optimizer '{t.optimizer}' is unknown; use adam, adamw or sgd")
+
+    def _steps_per_epoch(self) -> int:
+        per_rank = math.ceil(len(self.train_idx) / max(1, self.engine.num_processes))
+        return max(1, per_rank // self.cfg.train.batch_size if per_rank > self.cfg.train.batch_size else 1)
+
+    def get_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        t = self.cfg.train
+        if t.scheduler == "none":
+            return None
+        if t.scheduler == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=t.lr, epochs=t.epochs, steps_per_epoch=self._steps_per_epoch(), pct_start=0.2)
+        if t.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+        if t.scheduler == "plateau":
+            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
+        raise ConfigError(f"train.scheduler '{t.scheduler}' is unknown; use onecycle, cosine, plateau or none")
+
+    def get_callbacks(self) -> dict[str, dl.Callback]:
+        t, task = self.cfg.train, self.cfg.model.task
+        monitor, minimize = ("mae_months", True) if task == "age" else ("accuracy", False)
+        callbacks: dict[str, dl.Callback] = {
+            "criterion": dl.CriterionCallback(input_key="logits", target_key="target", metric_key="loss"),
+            "backward": dl.BackwardCallback(metric_key="loss"),
+            "optimizer": dl.OptimizerCallback(metric_key="loss"),
+            "metrics": MonthsMetricCallback(self.target["mean"], self.target["std"], task),
+            "checkpoint": CheckpointCallback(
+                self.run_dir, {"config": self.cfg.to_dict(), "target": self.target}, monitor, minimize,
+                self.resume_from),
+            "progress": dl.TqdmCallback(),
+        }
+        if self.scheduler is not None:
+            mode = "batch" if t.scheduler == "onecycle" else "epoch"
+            callbacks["scheduler"] = dl.SchedulerCallback(
+                mode=mode, loader_key="valid" if t.scheduler == "plateau" else None,
+                metric_key=monitor if t.scheduler == "plateau" else None)
+        if t.early_stopping_patience > 0:
+            callbacks["early_stopping"] = dl.EarlyStoppingCallback(
+                patience=t.early_stopping_patience, loader_key="valid", metric_key=monitor, minimize=minimize)
+        if t.max_minutes:
+            callbacks["time_budget"] = TimeBudgetCallback(t.max_minutes)
+        return callbacks
+
+    # --- one step ----------------------------------------------------------------------
+    def handle_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        image = batch["image"]
+        if self.cfg.train.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last)
+        male = batch["male"] if self.cfg.model.sex_input else None
+        self.batch["logits"] = self.model(image, male)
+
+
+def _split(cfg: Config, index: Any) -> tuple[np.ndarray, np.ndarray]:
+    d = cfg.data
+    if d.n_folds and d.n_folds > 1:
+        return kfold_split(index, d.n_folds, d.fold, d.split_seed)
+    return train_val_split(index, d.val_fraction, d.split_seed)
+
+
+def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: int | None = None) -> dict[str, Any]:
+    """Train ``cfg`` into ``run_dir``; returns the contents of ``run_dir/metrics.json``.
+
+    ``resume``: continue from ``run_dir/last.pt`` when it exists (model, optimizer, scheduler,
+    epoch), else start fresh — so a preempted job simply reruns the same command.
+    """
+    import json
+
+    if not cfg.data.images or not cfg.data.labels:
+        raise ConfigError("no data: pass --images DIR --labels CSV (or set data.images / data.labels)")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    last = run_dir / "last.pt"
+    resume_from = last if (resume and last.is_file()) else None
+    if not resume and last.is_file():
+        raise ConfigError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it "
+                          "or choose another --out")
+    df = read_labels(cfg.data.labels, cfg.data.images, skip_bad=cfg.data.skip_bad)
+    if cfg.data.limit:
+        df = df.sample(n=min(cfg.data.limit, len(df)), random_state=cfg.data.split_seed).reset_index(drop=True)
+    cache = prepare_cache(df, cfg.preprocess, cfg.data.cache_dir or default_cache_dir(),
+                          workers=workers, skip_bad=cfg.data.skip_bad)
+    print(f"cache: {cache.path} ({len(cache.index)} images, {'reused' if cache.reused else 'built'})", flush=True)
+    train_idx, val_idx = _split(cfg, cache.index)
+    months = cache.index["boneage"].to_numpy(dtype=np.float64)
+    mean, std = float(months[train_idx].mean()), float(months[train_idx].std() or 1.0)
+    target = {"mean": mean, "std": std,
+              "baseline_val_mae_months": float(np.abs(months[val_idx] - mean).mean()),
+              "n_train": int(len(train_idx)), "n_valid": int(len(val_idx))}
+    cfg.save(run_dir / "config.yaml")
+    start = time.monotonic()
+    runner = BoneAgeRunner(cfg, run_dir, cache.path, train_idx, val_idx, target, resume_from)
+    runner.run()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["wall_s_this_call"] = round(time.monotonic() - start, 1)
+    return metrics

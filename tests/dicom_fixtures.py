@@ -1,0 +1,89 @@
+"""Build small DICOM radiographs in tests with pydicom (no real patient data anywhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
+
+PATIENT_NAME = "Doe^Janet^Quincy"
+PATIENT_ID = "PID-93X-77810"
+BIRTH_DATE = "20140117"
+ACCESSION = "ACC-5550199"
+LEAK_STRINGS = ("Doe^Janet", "Janet", "PID-93X-77810", "20140117", "ACC-5550199")
+
+
+def hand_pixels(height: int = 240, width: int = 200, bits: int = 12, seed: int = 0) -> np.ndarray:
+    """A bright 'hand' (palm + fingers) on a dark background, with the thumb on the right (left hand, PA)."""
+    rng = np.random.default_rng(seed)
+    top = 2**bits - 1
+    img = np.full((height, width), 0.08 * top)
+    yy, xx = np.mgrid[:height, :width]
+    palm = ((yy - 0.68 * height) / (0.2 * height)) ** 2 + ((xx - 0.5 * width) / (0.25 * width)) ** 2 < 1
+    img[palm] = 0.7 * top
+    for k, cx in enumerate(np.linspace(0.3, 0.62, 4)):
+        img[int(0.15 * height + 8 * k % 3):int(0.55 * height), int(cx * width):int(cx * width) + width // 14] = 0.8 * top
+    img[int(0.5 * height):int(0.65 * height), int(0.75 * width):int(0.85 * width)] = 0.75 * top  # thumb
+    img += rng.normal(0, 0.01 * top, img.shape)
+    return np.clip(img, 0, top).astype(np.uint16 if bits > 8 else np.uint8)
+
+
+def make_dicom(
+    path: str | Path,
+    pixels: np.ndarray | None = None,
+    *,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int = 12,
+    sex: str | None = "F",
+    age: str | None = "009Y",
+    birth_date: str | None = BIRTH_DATE,
+    study_date: str | None = "20230420",
+    laterality: str | None = None,
+    laterality_tag: str = "ImageLaterality",
+    identifiers: bool = True,
+    slope: float | None = None,
+    intercept: float | None = None,
+    window: tuple[float, float] | None = None,
+    pixel_data: bool = True,
+    compress: str | None = None,
+) -> Path:
+    """Write a single-frame DX DICOM; ``compress`` is a transfer syntax UID pydicom can encode."""
+    path = Path(path)
+    if pixels is None:
+        pixels = hand_pixels(bits=bits_stored)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "DX"
+    ds.BodyPartExamined = "HAND"
+    if identifiers:
+        ds.PatientName, ds.PatientID, ds.AccessionNumber = PATIENT_NAME, PATIENT_ID, ACCESSION
+    for keyword, value in (("PatientSex", sex), ("PatientAge", age), ("PatientBirthDate", birth_date),
+                           ("StudyDate", study_date), (laterality_tag, laterality)):
+        if value is not None:
+            setattr(ds, keyword, value)
+    if slope is not None or intercept is not None:
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope or 1.0, intercept or 0.0, "US"
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    if pixel_data:
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = photometric
+        ds.BitsAllocated = 16 if pixels.dtype == np.uint16 else 8
+        ds.BitsStored = bits_stored
+        ds.HighBit = bits_stored - 1
+        ds.PixelRepresentation = 0
+        ds.PixelData = pixels.tobytes()
+    if compress is not None:
+        ds.compress(compress)
+    ds.save_as(path, enforce_file_format=True)
+    return path

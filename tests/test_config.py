@@ -1,0 +1,63 @@
+"""Config: shipped configs load, overrides apply and typos fail before any work."""
+
+import pytest
+import yaml
+
+from boneage.config import Config, load_config, shipped_configs
+from boneage.errors import ConfigError
+
+SHIPPED = ["cpu-small", "paper-m46", "resnet50", "inceptionv3"]
+
+
+def test_every_issue_config_is_shipped():
+    assert set(SHIPPED) <= set(shipped_configs())
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_config_loads_and_builds_its_model(name):
+    from boneage.models import list_models
+
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert cfg.model.name in list_models()
+    assert Config.from_dict(cfg.to_dict()) == cfg  # what checkpoints store round-trips
+
+
+def test_overrides_are_typed():
+    cfg = load_config("cpu-small", ["train.epochs=3", "train.lr=0.01", "model.sex_input=false",
+                                    "data.limit=100", "model.pretrained=/tmp/w.pth"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.model.sex_input, cfg.data.limit) == (3, 0.01, False, 100)
+    assert cfg.model.pretrained == "/tmp/w.pth"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "unknown key(s) train.epoch"),
+    ("train.epochs=three", "train.epochs: expected an integer"),
+    ("model.sex_input=maybe", "model.sex_input: expected true/false"),
+    ("epochs", "must look like section.key=value"),
+    ("preprocess.size=1.5", "preprocess.size: expected an integer"),
+])
+def test_bad_overrides_fail_clearly(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("cpu-small", [override])
+
+
+def test_unknown_name_lists_shipped_configs():
+    with pytest.raises(ConfigError, match="unknown config 'nope'.*cpu-small"):
+        load_config("nope")
+
+
+def test_yaml_file_and_save_round_trip(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"model": {"name": "m46"}, "train": {"epochs": 2}}))
+    cfg = load_config(str(path))
+    assert (cfg.name, cfg.model.name, cfg.train.epochs) == ("mine", "m46", 2)
+    cfg.save(tmp_path / "saved.yaml")
+    assert load_config(str(tmp_path / "saved.yaml")) == cfg
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(str(path))

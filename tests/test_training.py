@@ -1,0 +1,134 @@
+"""Training with Catalyst on phantoms: artifacts, atomic checkpoints, resume, CLI errors."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from boneage.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from boneage.cli import main
+from boneage.config import load_config
+from boneage.data.synth import make_synth_dataset
+from boneage.errors import CheckpointError, ConfigError
+from boneage.training.runner import train
+
+TINY = ["preprocess.size=64", "model.width=0.5", "train.batch_size=8", "data.val_fraction=0.25",
+        "augment.level=light", "train.num_threads=2"]
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    return make_synth_dataset(tmp_path_factory.mktemp("phantoms"), 48, seed=1)
+
+
+def _cfg(phantoms: Path, tmp_path: Path, *extra: str):
+    return load_config("cpu-small", [*TINY, f"data.images={phantoms / 'images'}",
+                                     f"data.labels={phantoms / 'labels.csv'}", f"data.cache_dir={tmp_path / 'cache'}",
+                                     *extra])
+
+
+def test_train_writes_the_run_folder(phantoms, tmp_path):
+    run = tmp_path / "run"
+    metrics = train(_cfg(phantoms, tmp_path, "train.epochs=2"), run, workers=1)
+    for name in ("best.pt", "last.pt", "config.yaml", "metrics.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["epochs_done"] == 2 and len(saved["history"]) == 2
+    assert np.isfinite(saved["best"]["mae_months"]) and saved["best"]["n"] == metrics["target"]["n_valid"]
+    assert metrics["target"]["n_train"] + metrics["target"]["n_valid"] == 48
+    state = load_checkpoint(run / "best.pt")
+    assert "optimizer" not in state and state["metrics"]["mae_months"] == saved["best"]["mae_months"]
+    model, cfg, _ = model_from_checkpoint(run / "best.pt")
+    assert cfg.preprocess.size == 64 and not model.training
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ck.pt"
+    save_checkpoint({"model": {"w": torch.ones(2)}, "config": {}, "target": {"mean": 0, "std": 1}}, path)
+    before = path.read_bytes()
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {}, "config": {}, "target": {}}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"model": {}}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="lacks config, target"):
+        load_checkpoint(tmp_path / "foreign.pt")
+
+
+def test_resume_continues_where_it_stopped(phantoms, tmp_path):
+    """An interrupted run resumed with --resume ends exactly where an uninterrupted one does."""
+    full = tmp_path / "full"
+    train(_cfg(phantoms, tmp_path, "train.epochs=3"), full, workers=1)
+
+    cut = tmp_path / "cut"
+    train(_cfg(phantoms, tmp_path, "train.epochs=3", "train.max_minutes=0.00001"), cut, workers=1)
+    stopped = load_checkpoint(cut / "last.pt")
+    assert stopped["epoch"] == 1
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_cfg(phantoms, tmp_path, "train.epochs=3"), cut, workers=1)
+    train(_cfg(phantoms, tmp_path, "train.epochs=3"), cut, resume=True, workers=1)
+
+    a, b = load_checkpoint(full / "last.pt"), load_checkpoint(cut / "last.pt")
+    assert b["epoch"] == 3 and [h["epoch"] for h in b["history"]] == [1, 2, 3]
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    step_a = [s["step"] for s in a["optimizer"]["state"].values()]
+    step_b = [s["step"] for s in b["optimizer"]["state"].values()]
+    assert step_a == step_b
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=1e-4, atol=1e-5)
+
+
+def test_resume_without_checkpoint_starts_fresh(phantoms, tmp_path):
+    run = tmp_path / "fresh"
+    train(_cfg(phantoms, tmp_path, "train.epochs=1"), run, resume=True, workers=1)
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--config", "nope", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown config 'nope'" in err[0]
+    assert main(["train", "--config", "cpu-small", "--out", str(tmp_path / "r")]) == 2
+    assert "pass --images DIR --labels CSV" in capsys.readouterr().err
+    labels = tmp_path / "labels.csv"
+    labels.write_text("id,boneage,male\n1,abc,True\n")
+    (tmp_path / "img").mkdir()
+    assert main(["train", "--config", "cpu-small", "--images", str(tmp_path / "img"), "--labels", str(labels),
+                 "--out", str(tmp_path / "r")]) == 2
+    assert "line 2" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.cpu_count() is None, reason="needs os.cpu_count")
+def test_cli_train_then_evaluate(phantoms, tmp_path, capsys):
+    run, ev = tmp_path / "run", tmp_path / "eval"
+    common = ["--images", str(phantoms / "images"), "--labels", str(phantoms / "labels.csv"),
+              "--cache-dir", str(tmp_path / "cache")]
+    assert main(["train", "--config", "cpu-small", *common, "--out", str(run), *TINY, "train.epochs=1"]) == 0
+    assert "best validation mae_months" in capsys.readouterr().out
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), *common, "--out", str(ev)]) == 0
+    report = json.loads((ev / "metrics.json").read_text())
+    assert report["n"] == 48 and np.isfinite(report["mae_months"])
+    for key in ("rmse_months", "median_ae_months", "within_6_months_pct", "within_12_months_pct",
+                "mae_by_sex", "mae_by_band", "baseline_mae_months"):
+        assert key in report
+    rows = (ev / "predictions.csv").read_text().splitlines()
+    assert rows[0].startswith("id,male,boneage,predicted,abs_error") and len(rows) == 49
+    assert (ev / "pred_vs_true.png").stat().st_size > 1000 and (ev / "bland_altman.png").stat().st_size > 1000
