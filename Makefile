@@ -28,7 +28,7 @@ PROJECT ?= boneage
 PROJECT_STORAGE ?= storage:$(PROJECT)
 # Where the project folder is mounted inside jobs.
 PROJECT_MOUNT ?= /$(PROJECT)
-# Local folders: code, data (holds IMAGES_SUBDIR and LABELS_FILE), notebooks, results.
+# Local code folder `upload-code` uploads.
 CODE_DIR ?= src
 # Local data folder: $(DATA_DIR)/$(IMAGES_SUBDIR) and $(DATA_DIR)/$(LABELS_FILE).
 DATA_DIR ?= data
@@ -40,7 +40,7 @@ RESULTS_DIR ?= results
 IMAGES_SUBDIR ?= images
 # Labels CSV inside the data folder (training layout id,boneage,male or the RSNA test layout).
 LABELS_FILE ?= labels.csv
-# Storage locations of code, data, notebooks and results.
+# Storage location of the code.
 CODE_STORAGE ?= $(PROJECT_STORAGE)/src
 # Storage location of the data (images + labels CSV).
 DATA_STORAGE ?= $(PROJECT_STORAGE)/data
@@ -48,7 +48,7 @@ DATA_STORAGE ?= $(PROJECT_STORAGE)/data
 NOTEBOOKS_STORAGE ?= $(PROJECT_STORAGE)/notebooks
 # Storage location of training runs (checkpoints, logs, TensorBoard events).
 RESULTS_STORAGE ?= $(PROJECT_STORAGE)/results
-# Mount points of the same folders inside jobs.
+# Mount point of the code inside jobs (read-only, first on PYTHONPATH).
 CODE_MOUNT ?= $(PROJECT_MOUNT)/src
 # Mount point of the data inside jobs (read-only).
 DATA_MOUNT ?= $(PROJECT_MOUNT)/data
@@ -91,7 +91,7 @@ JOB_TAG ?= project:$(PROJECT)
 
 ##### RESOURCES #####
 
-# Presets (run `apolo config show` for the ones your cluster offers).
+# Preset of the setup job (run `apolo config show` for the presets your cluster offers).
 SETUP_PRESET ?= cpu-small
 # Preset of the single-GPU training job.
 TRAINING_PRESET ?= gpu-small
@@ -141,7 +141,7 @@ DEMO_DIR ?= runs/demo
 DEMO_N ?= 400
 # Overrides `make demo` passes to `boneage train --config cpu-small`.
 DEMO_TRAIN_EXTRA ?= train.epochs=8 preprocess.size=128 data.val_fraction=0.2
-# Notebook `make notebook-html` executes, and where the HTML goes.
+# Notebook `make notebook-html` executes.
 NOTEBOOK ?= notebooks/demo.ipynb
 # Output folder of `make notebook-html`.
 NOTEBOOK_OUT ?= runs/notebook

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,9 @@ def hand_pixels(height: int = 240, width: int = 200, bits: int = 12, seed: int =
     yy, xx = np.mgrid[:height, :width]
     palm = ((yy - 0.68 * height) / (0.2 * height)) ** 2 + ((xx - 0.5 * width) / (0.25 * width)) ** 2 < 1
     img[palm] = 0.7 * top
-    for k, cx in enumerate(np.linspace(0.3, 0.62, 4)):
-        img[int(0.15 * height + 8 * k % 3):int(0.55 * height), int(cx * width):int(cx * width) + width // 14] = 0.8 * top
+    for k, cx in enumerate(np.linspace(0.3, 0.62, 4)):  # fingers
+        x0 = int(cx * width)
+        img[int(0.15 * height + 8 * k % 3):int(0.55 * height), x0:x0 + width // 14] = 0.8 * top
     img[int(0.5 * height):int(0.65 * height), int(0.75 * width):int(0.85 * width)] = 0.75 * top  # thumb
     img += rng.normal(0, 0.01 * top, img.shape)
     return np.clip(img, 0, top).astype(np.uint16 if bits > 8 else np.uint8)
@@ -66,10 +68,12 @@ def make_dicom(
     ds.BodyPartExamined = "HAND"
     if identifiers:
         ds.PatientName, ds.PatientID, ds.AccessionNumber = PATIENT_NAME, PATIENT_ID, ACCESSION
-    for keyword, value in (("PatientSex", sex), ("PatientAge", age), ("PatientBirthDate", birth_date),
-                           ("StudyDate", study_date), (laterality_tag, laterality)):
-        if value is not None:
-            setattr(ds, keyword, value)
+    with warnings.catch_warnings():  # tests write malformed values on purpose
+        warnings.simplefilter("ignore")
+        for keyword, value in (("PatientSex", sex), ("PatientAge", age), ("PatientBirthDate", birth_date),
+                               ("StudyDate", study_date), (laterality_tag, laterality)):
+            if value is not None:
+                setattr(ds, keyword, value)
     if slope is not None or intercept is not None:
         ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = slope or 1.0, intercept or 0.0, "US"
     if window is not None:

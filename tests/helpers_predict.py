@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from boneage.checkpoint import save_checkpoint
 from boneage.config import AugmentConfig, Config, ModelConfig, PreprocessConfig
 from boneage.models import create_model
+from dicom_fixtures import hand_pixels, make_dicom
 
 SIZE = 96
 
@@ -24,9 +28,11 @@ def make_checkpoint(path: Path, *, name: str = "bonenet_s", seed: int = 0, size:
                  model=ModelConfig(name=name, sex_input=sex_input, width=0.5 if name == "bonenet_s" else 1.0))
     m = cfg.model
     model = create_model(m.name, task=m.task, sex_input=m.sex_input, dropout=m.dropout, width=m.width)
-    for module in model.modules():  # untrained BNs with non-trivial statistics: outputs vary with the input
+    for module in model.modules():  # untrained, but outputs that vary with the input by months
         if isinstance(module, torch.nn.BatchNorm2d):
             module.weight.data.uniform_(0.5, 1.5)
+    last = [mod for mod in model.modules() if isinstance(mod, torch.nn.Linear)][-1]
+    last.weight.data *= 25.0
     state = {"model": model.state_dict(), "config": cfg.to_dict(), "target": {"mean": 120.0, "std": 40.0},
              "metrics": {} if mae is None else {"mae_months": mae}, "epoch": 1}
     return save_checkpoint(state, path)
@@ -34,11 +40,61 @@ def make_checkpoint(path: Path, *, name: str = "bonenet_s", seed: int = 0, size:
 
 def hand_image(height: int = 300, width: int = 240, seed: int = 0) -> np.ndarray:
     """A uint8 'hand' radiograph: bright palm and fingers on a dark background, some noise."""
-    from dicom_fixtures import hand_pixels
-
     return hand_pixels(height, width, bits=8, seed=seed)
 
 
 def save_png(path: Path, array: np.ndarray) -> Path:
     Image.fromarray(array).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small bonenet_s checkpoints (validation MAE 9.5 and 10.5 months) for ensembles."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    return {"a": make_checkpoint(root / "a.pt"), "b": make_checkpoint(root / "b.pt", seed=1, mae=10.5)}
+
+
+def grep_outputs(folder: Path, *texts: str, also: str = "") -> list[str]:
+    """Which of ``texts`` occur in any file under ``folder`` (bytes, any format) or in ``also``."""
+    blobs = [p.read_bytes() for p in folder.rglob("*") if p.is_file()] + [also.encode()]
+    return [t for t in texts if any(t.encode() in b for b in blobs)]
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims width x height pixels (a decompression bomb's calling card)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def bad_files(tmp_path: Path) -> dict[str, str]:
+    """Write every kind of bad input into ``tmp_path``: {file name: words its error must contain}."""
+    good = hand_pixels(bits=8)
+    Image.fromarray(good).save(tmp_path / "ok.png")
+    Image.fromarray(good).save(tmp_path / "ok.jpg")
+    png, jpg = (tmp_path / "ok.png").read_bytes(), (tmp_path / "ok.jpg").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])
+    (tmp_path / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.png").write_text("this is not an image")
+    png_header_only(tmp_path / "bomb.png", 60000, 60000)
+    make_dicom(tmp_path / "nopixels.dcm", pixel_data=False)
+    make_dicom(tmp_path / "cut.dcm")
+    data = (tmp_path / "cut.dcm").read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(data[: len(data) - 5000])
+    return {
+        "missing.png": "not found",
+        "truncated.png": "truncated",
+        "truncated.jpg": "truncated",
+        "empty.png": "empty",
+        "notes.png": "not a PNG, JPEG or DICOM",
+        "bomb.png": "decompression bomb",
+        "nopixels.dcm": "no pixel data",
+        "cut.dcm": "cannot decode DICOM pixel data",
+    }

@@ -444,8 +444,8 @@ def validate_apolo_call(argv: list[str]) -> list[str]:
     from apolo_cli.click_types import JobNameType
     from apolo_cli.parse_utils import parse_timedelta
 
-    _, sdk = _fake_sdk_parser()
     root = _cli_root()
+    _, sdk = _fake_sdk_parser()
 
     def check_option(cmd_name, opts, token, value_iter):
         name, eq, inline = token.partition("=")
@@ -688,8 +688,6 @@ def _run_parts(argv: list[str]) -> dict[str, object]:
 
 
 def test_live_yml_jobs_use_only_real_apolo_options_and_match_the_makefile(fake):
-    from apolo_cli.parse_utils import parse_timedelta
-
     runs = _flow_dry_run({
         "train": {}, "train_ddp": {}, "jupyter": {}, "tensorboard": {}, "filebrowser": {},
     })
@@ -706,6 +704,7 @@ def test_live_yml_jobs_use_only_real_apolo_options_and_match_the_makefile(fake):
                     "detach", "restart", "image", "command"):
             assert flow_parts.get(key) == make_parts.get(key), (job_id, key)
         assert TAG in flow_parts["tag"]
+        from apolo_cli.parse_utils import parse_timedelta
         if "life_span" in make_parts:
             assert [parse_timedelta(v) for v in flow_parts["life_span"]] == \
                 [parse_timedelta(v) for v in make_parts["life_span"]], job_id
@@ -845,8 +844,10 @@ def _requirements(lines) -> dict[str, str]:
 
 
 def test_requirements_mirror_pyproject_dependencies():
-    import tomllib
-
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     main = _requirements(project["dependencies"])
     image = _requirements((ROOT / "requirements.txt").read_text().splitlines())
@@ -904,3 +905,39 @@ def test_setup_cfg_configures_flake8_and_mypy():
     cfg.read(ROOT / "setup.cfg")
     assert cfg.getint("flake8", "max-line-length") == 120
     assert cfg.getboolean("mypy", "ignore_missing_imports") is True
+
+
+# --------------------------------------------------------------------------------------
+# The boneage commands the jobs and local targets run, against boneage's own CLI parser
+# --------------------------------------------------------------------------------------
+
+def _parse_boneage(argv: list[str]):
+    cli = pytest.importorskip("boneage.cli")
+    assert argv[0] == "boneage", argv
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            return cli.build_parser().parse_args(argv[1:])
+        except SystemExit as exc:
+            raise AssertionError(f"boneage rejects {argv}: {err.getvalue()}") from exc
+
+
+def test_job_and_local_commands_parse_with_the_boneage_cli(fake):
+    fake.make("training", "TRAIN_EXTRA=train.epochs=3")
+    ns = _parse_boneage(_job_command(_run_call(fake.calls())))
+    assert ns.resume is True and ns.config == "paper-m46"
+    fake.make("training-ddp", "DDP_GPUS=8")
+    ns = _parse_boneage(_job_command(_run_call(fake.calls())))
+    assert ns.resume is True and ns.engine == "ddp" and ns.ddp_workers == 8
+
+    out = fake.make("-n", "train-local", "demo").stdout.replace("\\\n", " ")
+    for line in out.splitlines():
+        if line.strip():
+            _parse_boneage(shlex.split(line))
+
+
+def test_flow_train_commands_parse_with_the_boneage_cli():
+    runs = _flow_dry_run({"train": {"extra": "train.epochs=3"}, "train_ddp": {}})
+    for job_id in ("train", "train_ddp"):
+        ns = _parse_boneage(_job_command(runs[job_id]))
+        assert ns.resume is True

@@ -9,11 +9,13 @@ left hand with MONOCHROME2 polarity, modality and VOI LUTs applied.
 from __future__ import annotations
 
 import datetime as dt
+import contextlib
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -156,15 +158,33 @@ def _dicom_date(value: Any) -> dt.date | None:
         return None
 
 
+_PYDICOM_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """pydicom's value validation warns *and logs* values such as a malformed birth date: switch it off.
+
+    The setting is global, so DICOM reads are serialised; warnings are silenced as well.
+    """
+    from pydicom import config
+
+    with _PYDICOM_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        previous = config.settings.reading_validation_mode
+        config.settings.reading_validation_mode = config.IGNORE
+        try:
+            yield
+        finally:
+            config.settings.reading_validation_mode = previous
+
+
 def _read_dicom(path: Path, keep_identifiers: bool, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
     try:
         import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
     except ImportError as exc:  # pragma: no cover - depends on extras
         raise ImageReadError(f"{path}: reading DICOM needs pydicom: pip install 'boneage[dicom]'") from exc
-    # pydicom's validation warnings quote element values, patient names included: never show them.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _quiet_pydicom():
         try:
             ds = pydicom.dcmread(str(path), force=True)
             has_pixels = "PixelData" in ds
@@ -178,7 +198,7 @@ def _read_dicom(path: Path, keep_identifiers: bool, max_pixels: int) -> tuple[np
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         if frames != 1:
             raise ImageReadError(f"{path}: DICOM holds {frames} frames; give a single-frame radiograph")
-        raw, colour = _dicom_pixels(path, ds, apply_modality_lut, apply_voi_lut)
+        raw, colour = _dicom_pixels(path, ds)
         notes = []
         raw_sex = str(ds.get("PatientSex", "") or "").strip()
         sex = _dicom_sex(raw_sex)
@@ -213,8 +233,10 @@ def _read_dicom(path: Path, keep_identifiers: bool, max_pixels: int) -> tuple[np
     return array, meta
 
 
-def _dicom_pixels(path: Path, ds: Any, modality_lut: Any, voi_lut: Any) -> tuple[np.ndarray, float]:
+def _dicom_pixels(path: Path, ds: Any) -> tuple[np.ndarray, float]:
     """Decoded 2-D pixels with the modality and VOI LUTs applied (gray), and the colourfulness."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
     try:
         raw = ds.pixel_array
     except Exception as exc:
@@ -226,7 +248,7 @@ def _dicom_pixels(path: Path, ds: Any, modality_lut: Any, voi_lut: Any) -> tuple
         return raw.astype(np.float64).mean(axis=-1), colourfulness(raw)
     if raw.ndim != 2:
         raise ImageReadError(f"{path}: DICOM pixel data has shape {raw.shape}; expected one 2-D frame")
-    return voi_lut(modality_lut(raw, ds), ds), 0.0
+    return apply_voi_lut(apply_modality_lut(raw, ds), ds), 0.0
 
 
 def _is_dicom_without_suffix(path: Path) -> bool:

@@ -14,7 +14,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence, cast
 
 import cv2
 import numpy as np
@@ -26,6 +26,9 @@ from boneage.io import ImageMeta, list_images, read_image
 from boneage.preprocess import to_uint8
 from boneage.quality import check_usable
 from boneage.report import empty_record, format_table, write_csv, write_html, write_json, write_png
+
+if TYPE_CHECKING:
+    from boneage.inference.predictor import Predictor
 
 RADIOGRAPH_MAX_SIDE = 768  # the radiograph embedded in the HTML report
 _MALE = {"M": 1.0, "F": 0.0}
@@ -64,7 +67,7 @@ def parse_request(sex: str | None, chronological_age: str | float | None) -> tup
 
 def _model_fields(predictor: Ensemble) -> dict[str, Any]:
     return {
-        "model_mae_months": None if predictor.mae_months is None else round(predictor.mae_months, 2),
+        "model_mae_months": _round(predictor.mae_months, 1),
         "models": [Path(m.path).name for m in predictor.members],
         "architectures": [m.config.model.name for m in predictor.members],
         "runtime": predictor.runtime,
@@ -133,7 +136,7 @@ def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None
     if heatmap and predictor.runtime == "torch":
         from boneage.inference.gradcam import heatmap_overlay
 
-        overlay = heatmap_overlay(predictor, image, male)
+        overlay = heatmap_overlay(cast("Predictor", predictor), image, male)
     elif heatmap:
         notes.append("no heatmap: Grad-CAM needs the PyTorch runtime")
     return Analysis(record, _display(image), overlay)
@@ -218,13 +221,15 @@ def run_predict(args: argparse.Namespace) -> int:
             print(f"boneage predict: error: {record['error']}", file=sys.stderr)
         records.append(record)
     print(format_table(records))
-    mae = predictor.mae_months
-    print(f"model: {', '.join(_model_fields(predictor)['models'])}"
-          + (f"; measured validation MAE {mae:.1f} months" if mae is not None else "")
+    model = _model_fields(predictor)
+    print(f"model: {', '.join(model['models'])}"
+          + (f"; measured validation MAE {model['model_mae_months']:.1f} months"
+             if model["model_mae_months"] is not None else "")
           + "; research use only, not a certified medical device")
     if args.out:
         csv_path = write_csv(records, Path(args.out) / "predictions.csv")
-        print(f"reports: {Path(args.out)}/<name>.json, .html, _heatmap.png; table: {csv_path}")
+        kinds = "<name>.json, <name>.html" + (", <name>_heatmap.png" if any(r["heatmap"] for r in records) else "")
+        print(f"reports: {kinds} in {Path(args.out)}; table: {csv_path}")
     failed = sum(1 for r in records if r["error"])
     if failed:
         print(f"boneage predict: {failed} of {len(records)} file(s) failed", file=sys.stderr)

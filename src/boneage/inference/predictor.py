@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ class Member:
     model: torch.nn.Module
     config: Config
     state: dict
-    transform: object = field(repr=False, default=None)
+    transform: Any = field(repr=False, default=None)  # build_transforms(..., "eval")
 
     @property
     def mean(self) -> float:

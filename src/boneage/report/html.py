@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from boneage.report.images import png_bytes
+from boneage.report.schema import DISCLAIMER_DETAIL, RUO_NOTICE
 
 _CATEGORY_COLOURS = {"delayed": "#1d4ed8", "normal": "#15803d", "advanced": "#c2410c", "indeterminate": "#6b7280"}
 _SOURCES = {"cli": "given by the user", "dicom": "from the DICOM header", "unknown": "unknown"}
@@ -66,8 +67,7 @@ def render_html(record: dict[str, Any], radiograph: np.ndarray | None = None,
     e = html.escape
     r = record
     name = Path(r["file"]).name
-    parts = [f'<div class="ruo" role="alert"><strong>&#9888; Research use only &mdash; not a certified medical '
-             f'device</strong>{e(r["disclaimer"])}</div>',
+    parts = [f'<div class="ruo" role="alert"><strong>&#9888; {e(RUO_NOTICE)}</strong>{e(DISCLAIMER_DETAIL)}</div>',
              f'<h1>Bone age report</h1><div class="file">{e(name)}</div>']
     if r.get("error"):
         parts.append(f'<div class="error"><strong>Not analysed:</strong> {e(r["error"])}</div>')

@@ -13,10 +13,11 @@ from boneage import __version__
 from boneage.clinical import REFERENCE as GP_REFERENCE
 
 SCHEMA_VERSION = "1.0"
-DISCLAIMER = (
-    "Research use only \u2014 not a certified medical device. This estimate must not be used for "
-    "diagnosis or treatment; a qualified clinician must read the radiograph."
+RUO_NOTICE = "Research use only \u2014 not a certified medical device"
+DISCLAIMER_DETAIL = (
+    "This estimate must not be used for diagnosis or treatment; a qualified clinician must read the radiograph."
 )
+DISCLAIMER = f"{RUO_NOTICE}. {DISCLAIMER_DETAIL}"
 RSNA_REFERENCE = (
     "Halabi SS, Prevedello LM, Kalpathy-Cramer J, et al. The RSNA Pediatric Bone Age Machine Learning "
     "Challenge. Radiology 2019;290(2):498-503"

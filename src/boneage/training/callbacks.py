@@ -47,6 +47,7 @@ class MonthsMetricCallback(dl.Callback):
         self._rows.append(runner.batch["row"].detach().cpu())
 
     def on_loader_end(self, runner: dl.IRunner) -> None:
+        ranks = _gather(runner, torch.tensor([runner.engine.process_index]))
         pred = _gather(runner, torch.cat(self._pred)).numpy()
         true = _gather(runner, torch.cat(self._true)).numpy()
         rows = _gather(runner, torch.cat(self._rows)).numpy()
@@ -56,6 +57,7 @@ class MonthsMetricCallback(dl.Callback):
             metrics = {"accuracy": float(np.mean((pred > 0.5) == (true > 0.5))), "n": int(len(true))}
         else:
             metrics = regression_metrics(pred, true)
+        metrics["ranks"] = len(set(ranks.tolist()))  # how many processes contributed predictions
         runner.loader_metrics.update({k: float(v) for k, v in metrics.items()})
 
 

@@ -13,7 +13,6 @@ gloo on CPU, nccl on GPU). Only rank 0 writes checkpoints and logs.
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from catalyst import dl
 from torch.utils.data import DataLoader
 
+from boneage.checkpoint import load_checkpoint
 from boneage.config import Config
 from boneage.data.cache import default_cache_dir, open_cache, prepare_cache
 from boneage.data.dataset import BoneAgeDataset
@@ -137,17 +137,13 @@ class BoneAgeRunner(dl.IRunner):
                                    weight_decay=t.weight_decay)
         raise ConfigError(f"train.optimizer '{t.optimizer}' is unknown; use adam, adamw or sgd")
 
-    def _steps_per_epoch(self) -> int:
-        per_rank = math.ceil(len(self.train_idx) / max(1, self.engine.num_processes))
-        return max(1, per_rank // self.cfg.train.batch_size if per_rank > self.cfg.train.batch_size else 1)
-
     def get_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         t = self.cfg.train
         if t.scheduler == "none":
             return None
         if t.scheduler == "onecycle":
             return torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=t.lr, epochs=t.epochs, steps_per_epoch=self._steps_per_epoch(), pct_start=0.2)
+                optimizer, max_lr=t.lr, epochs=t.epochs, steps_per_epoch=len(self.loaders["train"]), pct_start=0.2)
         if t.scheduler == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
         if t.scheduler == "plateau":
@@ -188,11 +184,24 @@ class BoneAgeRunner(dl.IRunner):
         self.batch["logits"] = self.model(image, male)
 
 
-def _split(cfg: Config, index: Any) -> tuple[np.ndarray, np.ndarray]:
+def split_indices(cfg: Config, index: Any) -> tuple[np.ndarray, np.ndarray]:
     d = cfg.data
     if d.n_folds and d.n_folds > 1:
         return kfold_split(index, d.n_folds, d.fold, d.split_seed)
     return train_val_split(index, d.val_fraction, d.split_seed)
+
+
+def _check_resumable(cfg: Config, last: Path) -> None:
+    """Resuming needs the settings that shape the optimisation unchanged (one-cycle knows its length)."""
+    saved = Config.from_dict(load_checkpoint(last)["config"], source=str(last))
+    keys = ("epochs", "batch_size", "lr", "optimizer", "scheduler")
+    changed = [k for k in keys if getattr(saved.train, k) != getattr(cfg.train, k)]
+    changed += [f"model.{k}" for k in ("name", "width", "sex_input") if getattr(saved.model, k) != getattr(cfg.model, k)]
+    if saved.preprocess != cfg.preprocess:
+        changed.append("preprocess")
+    if changed:
+        raise ConfigError(f"cannot resume {last}: {', '.join(changed)} differ from the interrupted run; "
+                          "resume with the same config, or start a new run with another --out")
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: int | None = None) -> dict[str, Any]:
@@ -211,6 +220,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
         torch.set_num_threads(cfg.train.num_threads)
     last = run_dir / "last.pt"
     resume_from = last if (resume and last.is_file()) else None
+    if resume_from is not None:
+        _check_resumable(cfg, resume_from)
     if not resume and last.is_file():
         raise ConfigError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it "
                           "or choose another --out")
@@ -220,7 +231,7 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
     cache = prepare_cache(df, cfg.preprocess, cfg.data.cache_dir or default_cache_dir(),
                           workers=workers, skip_bad=cfg.data.skip_bad)
     print(f"cache: {cache.path} ({len(cache.index)} images, {'reused' if cache.reused else 'built'})", flush=True)
-    train_idx, val_idx = _split(cfg, cache.index)
+    train_idx, val_idx = split_indices(cfg, cache.index)
     months = cache.index["boneage"].to_numpy(dtype=np.float64)
     mean, std = float(months[train_idx].mean()), float(months[train_idx].std() or 1.0)
     target = {"mean": mean, "std": std,
