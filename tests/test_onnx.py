@@ -12,7 +12,7 @@ import pytest
 from boneage.checkpoint import config_from_checkpoint, load_checkpoint
 from boneage.cli import main
 from boneage.errors import CheckpointError
-from boneage.inference.onnx import OnnxPredictor, export_onnx
+from boneage.inference.onnx import MIN_OPSET, OnnxPredictor, export_onnx
 from boneage.inference.predictor import Predictor
 from boneage.preprocess import preprocess
 from helpers_predict import SIZE, checkpoints, hand_image, make_checkpoint, save_png  # noqa: F401
@@ -22,12 +22,15 @@ TOLERANCE_MONTHS = 0.05
 
 @pytest.fixture(scope="module")
 def exported(checkpoints, tmp_path_factory):  # noqa: F811
-    return export_onnx(checkpoints["a"], tmp_path_factory.mktemp("onnx") / "a.onnx")
+    """``boneage export`` of checkpoint a (one export for the module: each takes seconds)."""
+    out = tmp_path_factory.mktemp("onnx") / "a.onnx"
+    assert main(["export", "--checkpoint", str(checkpoints["a"]), "--out", str(out), "--opset", "18"]) == 0
+    return out
 
 
 def test_signature_and_metadata(exported, checkpoints):  # noqa: F811
     model = onnx.load(str(exported))
-    assert model.opset_import[0].version == 17
+    assert model.opset_import[0].version == MIN_OPSET
     props = {p.key: p.value for p in model.metadata_props}
     cfg = config_from_checkpoint(load_checkpoint(checkpoints["a"]))
     assert json.loads(props["boneage.config"]) == cfg.to_dict()
@@ -64,21 +67,19 @@ def test_model_without_sex_input_exports_image_only(tmp_path):
     onnx_p = OnnxPredictor([path])
     assert [i.name for i in onnx_p.members[0].session.get_inputs()] == ["image"]
     images = [hand_image(seed=s) for s in range(2)]
-    np.testing.assert_allclose(onnx_p.predict(images, [1.0, None]), Predictor([checkpoint]).predict(images, [1.0, None]),
-                               atol=TOLERANCE_MONTHS)
+    expected = Predictor([checkpoint]).predict(images, [1.0, None])
+    np.testing.assert_allclose(onnx_p.predict(images, [1.0, None]), expected, atol=TOLERANCE_MONTHS)
 
 
-def test_export_and_predict_through_the_command(checkpoints, tmp_path, capsys):  # noqa: F811
-    model = tmp_path / "m.onnx"
-    assert main(["export", "--checkpoint", str(checkpoints["a"]), "--out", str(model)]) == 0
-    assert model.is_file() and str(model) in capsys.readouterr().out
+def test_predict_with_the_onnx_runtime(exported, checkpoints, tmp_path, capsys):  # noqa: F811
     png = save_png(tmp_path / "hand.png", hand_image())
     args = [str(png), "--sex", "M", "--chronological-age", "10y"]
-    assert main(["predict", *args, "--checkpoint", str(model), "--runtime", "onnx", "--out", str(tmp_path / "o")]) == 0
+    assert main(["predict", *args, "--checkpoint", str(exported), "--runtime", "onnx",
+                 "--out", str(tmp_path / "o")]) == 0
     assert main(["predict", *args, "--checkpoint", str(checkpoints["a"]), "--no-heatmap", "--out",
                  str(tmp_path / "t")]) == 0
     on, pt = (json.loads((tmp_path / d / "hand.json").read_text()) for d in ("o", "t"))
-    assert on["runtime"] == "onnx" and on["models"] == ["m.onnx"] and on["model_mae_months"] == 9.5 and on["tta"]
+    assert on["runtime"] == "onnx" and on["models"] == ["a.onnx"] and on["model_mae_months"] == 9.5 and on["tta"]
     assert on["heatmap"] is None and any("no heatmap" in w for w in on["warnings"])
     assert abs(on["bone_age_months"] - pt["bone_age_months"]) <= 0.1 and on["z_score"] is not None
     assert (tmp_path / "o" / "hand.html").is_file() and "Grad-CAM" in capsys.readouterr().err
@@ -88,9 +89,7 @@ def test_onnx_runtime_needs_no_torch(exported, tmp_path):
     """``predict --runtime onnx`` in a fresh interpreter where importing torch fails."""
     block = "import sys; sys.modules['torch'] = None; "
     probe = subprocess.run([sys.executable, "-c", block + "import boneage.transforms"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip("boneage.transforms imports torch at module level (only to_tensor needs it): "
-                    "the ONNX path cannot run without torch until that import moves into to_tensor")
+    assert probe.returncode == 0, probe.stderr  # transforms must not import torch at module level
     png = save_png(tmp_path / "hand.png", hand_image())
     code = block + (
         "from boneage.cli import main; "
@@ -114,3 +113,18 @@ def test_bad_onnx_files(tmp_path):
                           ("missing.onnx", "not found")):
         with pytest.raises(CheckpointError, match=message):
             OnnxPredictor([tmp_path / name])
+
+
+def test_low_opset_is_raised_with_a_warning(checkpoints, tmp_path, monkeypatch):  # noqa: F811
+    import torch
+
+    seen = {}
+
+    def fake_export(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch.onnx, "export", fake_export)
+    with pytest.warns(UserWarning, match="opset 17 requested"), pytest.raises(RuntimeError, match="stop here"):
+        export_onnx(checkpoints["a"], tmp_path / "x.onnx", opset=17)
+    assert seen["opset_version"] == MIN_OPSET and seen["dynamo"] is True

@@ -129,6 +129,12 @@ def test_dicom_without_header_sex_or_age(predictor, tmp_path):
     assert any("PatientSex 'O'" in w for w in record["warnings"])
 
 
+def test_dicom_adult_age_is_ignored_not_fatal(predictor, tmp_path):
+    record = predict_file(predictor, make_dicom(tmp_path / "a.dcm", sex="F", age="040Y"))
+    assert record["error"] is None and record["chronological_age_months"] is None
+    assert any("480 months" in w and "ignored" in w for w in record["warnings"])
+
+
 def test_right_hand_dicom_is_mirrored_before_prediction(predictor, tmp_path):
     pixels = hand_pixels(bits=12)
     right = predict_file(predictor, make_dicom(tmp_path / "r.dcm", pixels, laterality="R"))

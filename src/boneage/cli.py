@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", choices=["onnx"], default="onnx")
     p.add_argument("--out", help="output .onnx (default: next to the checkpoint)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, torch.export-based exporter)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="web page and REST API")

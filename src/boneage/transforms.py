@@ -9,7 +9,6 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 import numpy as np
-import torch
 
 from boneage.config import AugmentConfig
 from boneage.errors import ConfigError
@@ -59,7 +58,9 @@ def build_transforms(cfg: AugmentConfig, phase: str) -> A.Compose:
     return A.Compose([*steps, _normalize()])
 
 
-def to_tensor(image: np.ndarray, transform: A.Compose) -> torch.Tensor:
-    """uint8 (H, W) -> float tensor (1, H, W) through ``transform``."""
+def to_tensor(image: np.ndarray, transform: A.Compose) -> "torch.Tensor":  # noqa: F821
+    """uint8 (H, W) -> float tensor (1, H, W) through ``transform`` (torch imported here: ONNX inference needs none)."""
+    import torch
+
     out = transform(image=image)["image"]
     return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))[None]

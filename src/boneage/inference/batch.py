@@ -107,10 +107,14 @@ def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None
         sex_code, record["sex_source"] = meta.sex, "dicom"
     else:
         notes.append("sex unknown: the estimate averages the male and female predictions, and no z-score "
-                     "is given (pass --sex F or M)")
+                     "is given (give the sex: F or M)")
     ca_source = "cli" if ca is not None else None
     if ca is None and meta.age_months is not None:
-        ca, ca_source = meta.age_months, "dicom"
+        if 0 <= meta.age_months <= MAX_AGE_MONTHS:
+            ca, ca_source = meta.age_months, "dicom"
+        else:
+            notes.append(f"the DICOM header's age ({meta.age_months:.0f} months) is outside 0-{MAX_AGE_MONTHS:.0f} "
+                         "months: ignored")
     if meta.mirrored:
         notes.append("right hand: the image was mirrored to a left hand before analysis")
 

@@ -46,8 +46,11 @@ def member_cam(member: Member, preprocessed: np.ndarray, male: float | None, dev
     """Grad-CAM of one member for a preprocessed uint8 image [S, S] -> float32 [S, S] in [0, 1]."""
     x = torch.from_numpy(np.asarray(member.transform(image=preprocessed)["image"], dtype=np.float32))[None, None]
     wrapped = _ImageOnly(member.model, member.config.model.sex_input, male).eval()
-    with GradCAM(model=wrapped, target_layers=[member.model.cam_layer]) as cam:
-        return cam(input_tensor=x.to(device), targets=[_regression_target])[0]
+    try:
+        with GradCAM(model=wrapped, target_layers=[member.model.cam_layer]) as cam:
+            return cam(input_tensor=x.to(device), targets=[_regression_target])[0]
+    finally:
+        member.model.zero_grad(set_to_none=True)  # free the weight gradients the backward pass left behind
 
 
 def heatmap_overlay(predictor: Predictor, image: np.ndarray, male: float | None,

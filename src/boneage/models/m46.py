@@ -55,7 +55,6 @@ def m46(*, task: str, sex_input: bool, pretrained: bool | str, dropout: float, w
     for module in encoder.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(module.bias)
     return BoneAgeNet(
         encoder,
         channels[-1] * GRID[0] * GRID[1],

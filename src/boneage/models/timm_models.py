@@ -1,12 +1,13 @@
-"""Any timm backbone as ``timm:<name>`` (Wightman, PyTorch Image Models, https://github.com/huggingface/pytorch-image-models).
+"""Any timm backbone as ``timm:<name>`` (Wightman, PyTorch Image Models, github.com/huggingface/pytorch-image-models).
 
-timm builds it 1-channel and headless (``in_chans=1, num_classes=0``) and, with ImageNet weights,
-adapts the stem itself; the pooled features feed the shared ``SexFusionHead``.
+timm builds the backbone 1-channel and headless (``in_chans=1, num_classes=0``) and adapts ImageNet
+weights to it; the pooled features feed the shared ``SexFusionHead``.
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from boneage.errors import ConfigError
 from boneage.models.heads import BACKBONE_HIDDEN, BoneAgeNet
@@ -32,7 +33,9 @@ def create_timm_model(
     except ImportError as exc:
         raise ConfigError(f"model 'timm:{name}' needs timm: pip install 'boneage[timm]'") from exc
     if not timm.is_model(name):
-        raise ConfigError(f"unknown timm model '{name}'; list them with python -c 'import timm; print(timm.list_models())'")
+        raise ConfigError(
+            f"unknown timm model '{name}'; list them with python -c 'import timm; print(timm.list_models())'"
+        )
     require_unit_width(f"timm:{name}", width)
     if pretrained is True:
         try:
@@ -42,7 +45,7 @@ def create_timm_model(
     else:
         net = timm.create_model(name, pretrained=False, in_chans=1, num_classes=0)
         if isinstance(pretrained, str):
-            cfg = net.pretrained_cfg
+            cfg: dict[str, Any] = getattr(net, "pretrained_cfg")
             load_backbone_state(
                 net,
                 read_state_dict(pretrained),
@@ -56,7 +59,7 @@ def create_timm_model(
         raise ConfigError(f"timm model '{name}' declares no feature_info, so it has no layer for Grad-CAM")
     return BoneAgeNet(
         net,
-        net.num_features,
+        int(getattr(net, "num_features")),
         cam_layer=feature_info[-1]["module"],
         task=task,
         sex_input=sex_input,

@@ -1,9 +1,9 @@
 """torchvision ImageNet backbones adapted to 1-channel radiographs.
 
-The first conv is replaced by a 1-channel conv; with pretrained weights its kernel is the sum of the
-RGB kernels (as timm's ``adapt_input_conv`` does). The ImageNet classifier is dropped and the pooled
-features feed the shared ``SexFusionHead``. ResNet: He et al. 2016; Inception-v3: Szegedy et al. 2016; EfficientNet: Tan & Le 2019;
-MobileNetV3: Howard et al. 2019.
+The first conv is made 1-channel; with pretrained weights its kernel is the sum of the RGB kernels
+(as timm's ``adapt_input_conv`` does). The ImageNet classifier is dropped and the pooled features feed
+the shared ``SexFusionHead``. ResNet: He et al., CVPR 2016; Inception-v3: Szegedy et al., CVPR 2016;
+EfficientNet: Tan & Le, ICML 2019; MobileNetV3: Howard et al., ICCV 2019.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from boneage.models.registry import (
     register_model,
     require_unit_width,
 )
+
 
 @dataclass(frozen=True)
 class _Spec:
@@ -68,24 +69,11 @@ SPECS: dict[str, _Spec] = {
 
 
 def _grayscale_stem(net: nn.Module, path: str) -> None:
-    """Swap the RGB conv at ``path`` for a 1-channel one, initialised from its first input channel."""
-    parent_path, _, attr = path.rpartition(".")
-    parent = net.get_submodule(parent_path) if parent_path else net
-    old: nn.Conv2d = getattr(parent, attr)
-    new = nn.Conv2d(
-        1,
-        old.out_channels,
-        old.kernel_size,
-        stride=old.stride,
-        padding=old.padding,
-        dilation=old.dilation,
-        groups=old.groups,
-        bias=old.bias is not None,
-    )
-    new.weight.data.copy_(old.weight.data[:, :1])
-    if old.bias is not None:
-        new.bias.data.copy_(old.bias.data)
-    setattr(parent, attr, new)
+    """Make the RGB conv at ``path`` 1-channel, keeping its first input channel's initial kernels."""
+    conv = net.get_submodule(path)
+    assert isinstance(conv, nn.Conv2d)
+    conv.in_channels = 1
+    conv.weight = nn.Parameter(conv.weight.detach()[:, :1].clone())
 
 
 def build_torchvision(

@@ -1,0 +1,277 @@
+"""Run the benchmarks and render RESULTS.md.
+
+    python -m benchmarks.run                       # everything, full size (75-100 min on 2 cores)
+    python -m benchmarks.run --quick --out /tmp/b  # smoke test, under 3 minutes
+    python -m benchmarks.run --only data,inference # some of them; RESULTS.md keeps the others' JSON
+
+Each benchmark writes ``<out>/<name>.json`` (data, train, inference, accuracy); RESULTS.md is then
+rebuilt from every JSON file present in ``<out>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import DEFAULT_OUT_DIR, DEFAULT_RSNA_DIR, hardware_info, log, write_result
+
+BENCHMARKS = ("data", "train", "inference", "accuracy")
+DEFAULT_BUDGET_MIN = 30.0
+QUICK_BUDGET_MIN = 0.15
+QUICK_OUT_DIR = Path(tempfile.gettempdir()) / "boneage-bench-quick"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny counts and budgets (under 3 minutes): checks the plumbing, measures nothing")
+    parser.add_argument("--only", default=",".join(BENCHMARKS),
+                        help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
+    parser.add_argument("--budget-min", type=float, default=None,
+                        help=f"accuracy: wall-clock minutes per config (default {DEFAULT_BUDGET_MIN:g}; "
+                             f"--quick: {QUICK_BUDGET_MIN:g})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"result folder (default {DEFAULT_OUT_DIR.relative_to(DEFAULT_OUT_DIR.parents[1])}, "
+                             f"with --quick {QUICK_OUT_DIR}, so quick runs never overwrite the committed results)")
+    parser.add_argument("--rsna", type=Path, default=DEFAULT_RSNA_DIR,
+                        help="shared RSNA sample (labels.csv + images/); phantoms are used when it is absent")
+    parser.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime intra-op threads (default 2)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="scratch folder (caches, big PNGs, runs); default: a temporary folder, deleted after")
+    args = parser.parse_args(argv)
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = sorted(set(only) - set(BENCHMARKS))
+    if unknown or not only:
+        parser.error(f"--only: unknown benchmark(s) {', '.join(unknown) or '(none given)'}; "
+                     f"choose from {', '.join(BENCHMARKS)}")
+    args.only = [b for b in BENCHMARKS if b in only]
+    if args.budget_min is None:
+        args.budget_min = QUICK_BUDGET_MIN if args.quick else DEFAULT_BUDGET_MIN
+    if args.budget_min <= 0:
+        parser.error("--budget-min must be positive")
+    if args.threads < 1:
+        parser.error("--threads must be at least 1")
+    if args.out is None:
+        # quick numbers never overwrite the committed full results
+        args.out = QUICK_OUT_DIR if args.quick else DEFAULT_OUT_DIR
+    return args
+
+
+def run_one(name: str, args: argparse.Namespace, work_dir: Path) -> dict[str, Any]:
+    common = {"quick": args.quick, "rsna_dir": args.rsna, "work_dir": work_dir, "threads": args.threads}
+    if name == "data":
+        from benchmarks import data_pipeline
+        return data_pipeline.run(args.out, **common)
+    if name == "train":
+        from benchmarks import train_throughput
+        return train_throughput.run(args.out, **common)
+    if name == "inference":
+        from benchmarks import inference_latency
+        return inference_latency.run(args.out, **common)
+    from benchmarks import accuracy
+    return accuracy.run(args.out, budget_min=args.budget_min, **common)
+
+
+# --- RESULTS.md -----------------------------------------------------------------------------------
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            return "n/a"
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _hardware_line(result: dict[str, Any]) -> str:
+    hw = result.get("hardware", {})
+    fm = f" ({hw['cpu_family_model']})" if hw.get("cpu_family_model") else ""
+    load = hw.get("load_average_1_5_15")
+    return (f"{hw.get('cpu_model', '?')}{fm}, {hw.get('cpu_usable_cores', '?')} usable cores, torch "
+            f"{hw.get('torch', '?')}, onnxruntime {hw.get('onnxruntime', '?')}, Python {hw.get('python', '?')}; "
+            f"load average at start {load}; {result.get('date', '?')}; mode: {result.get('mode', '?')}")
+
+
+def _data_md(r: dict[str, Any]) -> list[str]:
+    lines = ["## Data pipeline (samples/s, higher is better)", "",
+             f"_{_hardware_line(r)}_", "",
+             f"Headline: {r['headline']}: ours **{_f(r['ours_samples_per_s'], 0)}**/s vs original recipe "
+             f"(emulated) **{_f(r['seed_samples_per_s'], 0)}**/s = **{_f(r['speedup'])}x** (target >= 10x: "
+             f"{'met' if r.get('target_met') else 'not met'}).", "",
+             "| images | num_workers | ours (cache) | original recipe, emulated | ours without cache "
+             "| speedup vs recipe | speedup vs no cache |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, s in r["image_sets"].items():
+        for w, x in s["per_num_workers"].items():
+            label = f"{name} ({', '.join(s['image_hw'])}, {s['n_images']} files, ~{_f(s['mean_file_kib'], 0)} KiB)"
+            lines.append(f"| {label} | {w} | {_f(x['ours_samples_per_s'], 0)} | {_f(x['seed_samples_per_s'], 1)} "
+                         f"| {_f(x['nocache_samples_per_s'], 1)} | {_f(x['speedup'])}x "
+                         f"| {_f(x['speedup_vs_nocache'])}x |")
+    lines += ["", "| images | cache build (one-off, not in 'ours') | per image | workers | first epoch incl. build |",
+              "|---|---:|---:|---:|---:|"]
+    for name, s in r["image_sets"].items():
+        lines.append(f"| {name} | {_f(s['cache_build_s'])} s | {_f(s['cache_build_ms_per_image'])} ms "
+                     f"| {s['cache_build_workers']} | {_f(s['ours_first_epoch_incl_cache_samples_per_s'], 0)}/s |")
+    lines += ["", f"Output {r['output_size']} px, batch {r['batch_size']}, {r['statistic']}."]
+    lines += [f"- {n}" for n in r.get("notes", [])]
+    return lines
+
+
+def _train_md(r: dict[str, Any]) -> list[str]:
+    lines = ["## Training throughput (images/s, forward + backward + optimizer step)", "",
+             f"_{_hardware_line(r)}_", "",
+             f"| config | model | input | batch (config's) | CPU, threads: {r['torch_threads']} | GPU |",
+             "|---|---|---:|---:|---:|---|"]
+    for name, c in r["configs"].items():
+        batch = f"{c['batch_size']}" + (f" ({c['config_batch_size']}, reduced)" if c["batch_reduced_for_cpu"]
+                                        else f" ({c['config_batch_size']})")
+        lines.append(f"| {name} | {c['model']} | {c['input_size']} px | {batch} | {_f(c['images_per_s'], 2)} "
+                     f"| not measured |")
+    lines += [""] + [f"- {n}" for n in r.get("notes", [])]
+    return lines
+
+
+def _inference_md(r: dict[str, Any]) -> list[str]:
+    b = r["batches"]
+    e2e = r["end_to_end_batch1"]
+    lines = ["## Inference latency (ms, lower is better)", "",
+             f"_{_hardware_line(r)}_", "",
+             f"{r['config']} ({r['model']}, {r['input_size']} px), {r['weights']}; threads: {r['threads']}; "
+             f"p50 / p95 over {b['batch1']['torch']['runs']} (batch 1) and {b['batch32']['torch']['runs']} "
+             f"(batch 32) runs after warm-up.", "",
+             "| device | runtime | batch 1 p50 | batch 1 p95 | batch 32 p50 | batch 32 p95 | batch 32 images/s |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for key, label in (("torch", "PyTorch eager"), ("onnx", "ONNX Runtime")):
+        lines.append(f"| CPU | {label} | {_f(b['batch1'][key]['p50_ms'], 2)} | {_f(b['batch1'][key]['p95_ms'], 2)} "
+                     f"| {_f(b['batch32'][key]['p50_ms'], 1)} | {_f(b['batch32'][key]['p95_ms'], 1)} "
+                     f"| {_f(b['batch32'][f'{key}_images_per_s'], 0)} |")
+    lines.append("| GPU | any | not measured | not measured | not measured | not measured | not measured |")
+    lines += ["", f"End to end, one file ({e2e['steps']}): PyTorch p50 {_f(e2e['torch']['p50_ms'], 1)} ms, "
+              f"ONNX Runtime p50 {_f(e2e['onnx']['p50_ms'], 1)} ms. Largest torch/ONNX difference: "
+              f"{r['max_abs_diff_months_torch_vs_onnx']:.2g} months."]
+    lines += [f"- {n}" for n in r.get("notes", [])]
+    return lines
+
+
+def _accuracy_md(r: dict[str, Any]) -> list[str]:
+    runs = r["runs"]
+    t = r["targets"]
+    lines = ["## Accuracy under a fixed CPU budget (validation, months)", "",
+             f"_{_hardware_line(r)}_", "",
+             f"{r['dataset']}; validation split: {r['n_val']} images (val_fraction {r['split']['val_fraction']}, "
+             f"split_seed {r['split']['split_seed']}, stratified), {r['n_train']} training images; budget "
+             f"{_f(r['budget_s'] / 60, 2)} min per config on CPU, threads: {r['threads']}"
+             + (f"; inputs {r['input_size_override']} px (quick mode)" if r.get("input_size_override") else "")
+             + ".", "",
+             "| config | MAE (best epoch) | RMSE | MAE (last epoch) | epochs done / planned | training time |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in ("cpu-small", "paper-m46"):
+        x = runs[name]
+        planned = "budget" if name == "paper-m46" else str(x["epochs_planned"])
+        lines.append(f"| {name} | **{_f(x['mae'], 2)}** | {_f(x['rmse'], 2)} | {_f(x['last_epoch_mae'], 2)} "
+                     f"| {x['epochs_done']} / {planned} | {_f(x['train_elapsed_s'], 0)} s |")
+    lines.append(f"| mean predictor (baseline) | {_f(r['baseline_mae'], 2)} | | | | |")
+    lines.append("| GPU | not measured | | | | |")
+    lines += ["", f"cpu-small / paper-m46 MAE ratio: {_f(r['mae_ratio_cpu_small_to_paper_m46'], 2)} (target <= 0.6: "
+              f"{'met' if t['cpu_small_mae_le_0.6x_paper_m46'] else 'not met'}); cpu-small MAE <= 12 months: "
+              f"{'met' if t['cpu_small_mae_le_12_months'] else 'not met'}."]
+    lines += [f"- {n}" for n in r.get("notes", [])]
+    return lines
+
+
+def _generic_md(path: Path) -> list[str]:
+    """Top-level numbers and strings of a result file this module does not know (written by another script)."""
+    lines = [f"## {path.stem} (`{path.name}`)", ""]
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return lines + [f"{path.name} could not be read ({exc})."]
+    if not isinstance(result, dict):
+        return lines + [f"{path.name} does not hold a JSON object."]
+    if isinstance(result.get("hardware"), dict):
+        lines += [f"_{_hardware_line(result)}_", ""]
+    rows = [(k, v) for k, v in result.items() if isinstance(v, (int, float, str)) and k != "date"]
+    lines += ["| key | value |", "|---|---:|"] + [f"| {k} | {_f(v, 2)} |" for k, v in rows]
+    return lines
+
+
+RENDERERS = {"data": _data_md, "train": _train_md, "inference": _inference_md, "accuracy": _accuracy_md}
+TITLES = {"data": "Data pipeline", "train": "Training throughput", "inference": "Inference latency",
+          "accuracy": "Accuracy under a fixed CPU budget"}
+
+
+def render_results(out_dir: Path) -> Path:
+    """Rebuild ``<out_dir>/RESULTS.md`` from the JSON files there."""
+    lines = ["# Benchmark results", "",
+             "Generated by `python -m benchmarks.run` from the JSON files beside this one; method and caveats: "
+             "`benchmarks/README.md`. GPU rows are not measured.", ""]
+    found = False
+    for name in BENCHMARKS:
+        path = out_dir / f"{name}.json"
+        if not path.is_file():
+            lines += [f"## {TITLES[name]}", "", f"Not run yet: `python -m benchmarks.run --only {name}`.", ""]
+            continue
+        found = True
+        try:
+            lines += RENDERERS[name](json.loads(path.read_text())) + [""]
+        except (KeyError, TypeError, ValueError) as exc:
+            lines += [f"## {TITLES[name]}", "", f"{path.name} could not be rendered ({type(exc).__name__}: {exc}).", ""]
+    for path in sorted(out_dir.glob("*.json")):  # results of other benchmarks (e.g. serve.json of serve_load)
+        if path.stem in RENDERERS:
+            continue
+        found = True
+        lines += _generic_md(path) + [""]
+    if not found:
+        lines.append("No results yet.")
+    target = out_dir / "RESULTS.md"
+    target.write_text("\n".join(lines).rstrip() + "\n")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="boneage-bench-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    log(f"{'quick' if args.quick else 'full'} run of {', '.join(args.only)} -> {args.out} (scratch {work_dir})")
+    failed = []
+    start = time.perf_counter()
+    try:
+        for name in args.only:
+            t0 = time.perf_counter()
+            hardware = hardware_info(args.threads)  # the load average just before this benchmark
+            try:
+                result = run_one(name, args, work_dir)
+            except Exception:  # noqa: BLE001 - report, carry on with the others, fail at the end
+                traceback.print_exc()
+                failed.append(name)
+                continue
+            result["duration_s"] = round(time.perf_counter() - t0, 1)
+            path = write_result(args.out, name, result, hardware)
+            log(f"{name}: done in {result['duration_s']} s -> {path}")
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    md = render_results(args.out)
+    log(f"wrote {md} ({time.perf_counter() - start:.0f} s in all)")
+    print(md.read_text())
+    if failed:
+        print(f"benchmark(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
