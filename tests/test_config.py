@@ -24,6 +24,7 @@ def test_shipped_config_loads_and_builds_its_model(name):
 
 
 def test_overrides_are_typed():
+    assert load_config("cpu-small", ["train.lr=3e-3"]).train.lr == 0.003  # YAML 1.1 reads 3e-3 as a string
     cfg = load_config("cpu-small", ["train.epochs=3", "train.lr=0.01", "model.sex_input=false",
                                     "data.limit=100", "model.pretrained=/tmp/w.pth"])
     assert (cfg.train.epochs, cfg.train.lr, cfg.model.sex_input, cfg.data.limit) == (3, 0.01, False, 100)

@@ -33,7 +33,8 @@ def test_notebook_is_stored_without_outputs():
     nb = _read_notebook()
     code_cells = [c for c in nb.cells if c.cell_type == "code"]
     assert code_cells, "the notebook has no code cells"
-    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
+    dirty = [i for i, c in enumerate(nb.cells)
+             if c.cell_type == "code" and (c.outputs or c.execution_count is not None)]
     assert not dirty, f"cells {dirty} keep outputs or an execution count: clear them before committing"
     assert "widgets" not in nb.metadata, "notebook metadata keeps widget state"
     for i, cell in enumerate(nb.cells):
@@ -117,4 +118,3 @@ def test_notebook_runs_on_the_rsna_sample(tmp_path, monkeypatch):
     })
     _check_outputs(summary, out, text)
     assert summary["data"] == "radiographs" and summary["n_images"] == 300
-

@@ -13,6 +13,7 @@ from boneage.cli import main
 from boneage.config import load_config
 from boneage.data.synth import make_synth_dataset
 from boneage.errors import CheckpointError, ConfigError
+from boneage.training.callbacks import CheckpointCallback
 from boneage.training.runner import train
 
 TINY = ["preprocess.size=64", "model.width=0.5", "train.batch_size=8", "data.val_fraction=0.25",
@@ -73,13 +74,23 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "foreign.pt")
 
 
-def test_resume_continues_where_it_stopped(phantoms, tmp_path):
-    """An interrupted run resumed with --resume ends exactly where an uninterrupted one does."""
+def test_resume_continues_where_it_stopped(phantoms, tmp_path, monkeypatch):
+    """A run killed after epoch 1 and resumed with --resume ends exactly where an uninterrupted one does."""
     full = tmp_path / "full"
     train(_cfg(phantoms, tmp_path, "train.epochs=3"), full, workers=1)
 
     cut = tmp_path / "cut"
-    train(_cfg(phantoms, tmp_path, "train.epochs=3", "train.max_minutes=0.00001"), cut, workers=1)
+    save = CheckpointCallback.on_epoch_end
+
+    def save_then_die(self, runner):
+        save(self, runner)
+        if runner.epoch_step == 1:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(CheckpointCallback, "on_epoch_end", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(phantoms, tmp_path, "train.epochs=3"), cut, workers=1)
+    monkeypatch.undo()
     stopped = load_checkpoint(cut / "last.pt")
     assert stopped["epoch"] == 1
     with pytest.raises(ConfigError, match="--resume"):
@@ -132,3 +143,12 @@ def test_cli_train_then_evaluate(phantoms, tmp_path, capsys):
     rows = (ev / "predictions.csv").read_text().splitlines()
     assert rows[0].startswith("id,male,boneage,predicted,abs_error") and len(rows) == 49
     assert (ev / "pred_vs_true.png").stat().st_size > 1000 and (ev / "bland_altman.png").stat().st_size > 1000
+
+
+def test_time_budget_cuts_the_epoch_then_validates(phantoms, tmp_path):
+    run = tmp_path / "budget"
+    metrics = train(_cfg(phantoms, tmp_path, "train.epochs=50", "train.max_minutes=0.00001"), run, workers=1)
+    assert metrics["epochs_done"] == 1  # stopped in the first epoch, not after 50
+    assert metrics["history"][0]["train"]["n"] == 8  # one batch of 8 trained
+    assert metrics["best"]["n"] == metrics["target"]["n_valid"]  # still validated on the whole split
+    assert (run / "best.pt").is_file()

@@ -57,10 +57,7 @@ def evaluation_report(predictions: pd.DataFrame, train_mean: float | None = None
 
 def save_plots(predictions: pd.DataFrame, out_dir: str | Path, title: str = "") -> list[Path]:
     """Predicted-vs-true scatter and Bland-Altman plot as PNGs; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the caller's (e.g. a notebook's) backend alone
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -69,7 +66,8 @@ def save_plots(predictions: pd.DataFrame, out_dir: str | Path, title: str = "") 
     mae = float(np.mean(np.abs(pred - true)))
     paths = []
 
-    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    fig = Figure(figsize=(5.5, 5.5))
+    ax = fig.subplots()
     ax.scatter(true[male], pred[male], s=8, alpha=0.6, label="male")
     ax.scatter(true[~male], pred[~male], s=8, alpha=0.6, label="female")
     lim = (0, max(240.0, float(true.max()), float(pred.max())))
@@ -80,11 +78,11 @@ def save_plots(predictions: pd.DataFrame, out_dir: str | Path, title: str = "") 
     fig.tight_layout()
     paths.append(out_dir / "pred_vs_true.png")
     fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
 
     mean, diff = (pred + true) / 2, pred - true
     bias, sd = float(diff.mean()), float(diff.std(ddof=1)) if len(diff) > 1 else 0.0
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
     ax.scatter(mean, diff, s=8, alpha=0.6)
     for y, style, label in ((bias, "-", f"bias {bias:+.1f}"), (bias + 1.96 * sd, "--", f"+1.96 SD {bias + 1.96 * sd:+.1f}"),
                             (bias - 1.96 * sd, "--", f"-1.96 SD {bias - 1.96 * sd:+.1f}")):
@@ -95,7 +93,6 @@ def save_plots(predictions: pd.DataFrame, out_dir: str | Path, title: str = "") 
     fig.tight_layout()
     paths.append(out_dir / "bland_altman.png")
     fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
     return paths
 
 

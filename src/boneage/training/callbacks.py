@@ -62,19 +62,30 @@ class MonthsMetricCallback(dl.Callback):
 
 
 class TimeBudgetCallback(dl.Callback):
-    """Stop after the epoch that crosses ``max_minutes`` of wall-clock (all ranks agree)."""
+    """Stop when ``max_minutes`` of wall-clock have passed.
+
+    On one process the check runs after every training batch: the epoch is cut short, validated and
+    checkpointed, then training stops. Under DDP it runs at epoch end, where all ranks agree.
+    """
 
     def __init__(self, max_minutes: float) -> None:
         super().__init__(order=dl.CallbackOrder.external)
         self.max_seconds = max_minutes * 60
         self.start = time.monotonic()
+        self.exhausted = False
 
     def on_experiment_start(self, runner: dl.IRunner) -> None:
         self.start = time.monotonic()
 
+    def on_batch_end(self, runner: dl.IRunner) -> None:
+        if runner.is_train_loader and runner.engine.num_processes == 1 and not self.exhausted:
+            if time.monotonic() - self.start >= self.max_seconds:
+                self.exhausted = True
+                runner.need_early_stop = True  # Catalyst ends this loader; validation still runs
+
     def on_epoch_end(self, runner: dl.IRunner) -> None:
         elapsed = _gather(runner, torch.tensor([time.monotonic() - self.start])).max().item()
-        if elapsed >= self.max_seconds:
+        if self.exhausted or elapsed >= self.max_seconds:
             runner.need_early_stop = True
 
 
