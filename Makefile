@@ -430,6 +430,7 @@ demo: ## Synthetic phantoms -> train cpu-small -> evaluate on held-out phantoms 
 		--out $(DEMO_DIR)/reports
 	@echo "== DEMO done (synthetic phantoms): metrics in $(DEMO_DIR)/eval/metrics.json, report in $(DEMO_DIR)/reports =="
 
+.PHONY: test
 test: ## Run the test suite
 	$(PYTHON) -m pytest -q
 

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rsna", type=Path, default=DEFAULT_RSNA_DIR,
                         help="shared RSNA sample (labels.csv + images/); phantoms are used when it is absent")
     parser.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime intra-op threads (default 2)")
+    parser.add_argument("--parallel-accuracy", action="store_true",
+                        help="train cpu-small and paper-m46 side by side (give each --threads), not one after the other")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="scratch folder (caches, big PNGs, runs); default: a temporary folder, deleted after")
     args = parser.parse_args(argv)
@@ -78,7 +80,7 @@ def run_one(name: str, args: argparse.Namespace, work_dir: Path) -> dict[str, An
         from benchmarks import inference_latency
         return inference_latency.run(args.out, **common)
     from benchmarks import accuracy
-    return accuracy.run(args.out, budget_min=args.budget_min, **common)
+    return accuracy.run(args.out, budget_min=args.budget_min, parallel=args.parallel_accuracy, **common)
 
 
 # --- RESULTS.md -----------------------------------------------------------------------------------
@@ -173,6 +175,7 @@ def _accuracy_md(r: dict[str, Any]) -> list[str]:
              f"{r['dataset']}; validation split: {r['n_val']} images (val_fraction {r['split']['val_fraction']}, "
              f"split_seed {r['split']['split_seed']}, stratified), {r['n_train']} training images; budget "
              f"{_f(r['budget_s'] / 60, 2)} min per config on CPU, threads: {r['threads']}"
+             + (" each, both configs trained side by side" if r.get("parallel") else "")
              + (f"; inputs {r['input_size_override']} px (quick mode)" if r.get("input_size_override") else "")
              + ".", "",
              "| config | MAE (best epoch) | RMSE | MAE (last epoch) | epochs done / planned | training time |",

@@ -7,7 +7,7 @@
   removed, renamed or misspelled flag fails here rather than on the platform.
 * The Makefile is parsed: every target has a ``## description`` that ``make help`` shows,
   every target is .PHONY, every user variable is ``?=`` with a comment and a row in
-  docs/platform.md.
+  the README's platform section.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAKEFILE = ROOT / "Makefile"
 LIVE_YML = ROOT / ".apolo" / "live.yml"
 FAKE_APOLO = ROOT / "tests" / "fake_apolo" / "apolo.py"
-PLATFORM_DOC = ROOT / "docs" / "platform.md"
+PLATFORM_DOC = ROOT / "README.md"
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
@@ -769,7 +769,7 @@ def test_user_variables_use_conditional_assignment_and_are_documented():
         if USER_VAR_RE.match(line):
             assert lines[i - 1].startswith("#"), f"{name} has no comment line above it"
             assert "#" not in line.split("?=", 1)[1], f"{name}: a trailing comment would end up in the value"
-            assert re.search(rf"^\|\s*`{name}`\s*\|", doc, re.M), f"{name} is missing from docs/platform.md"
+            assert re.search(rf"^\|\s*`{name}`\s*\|", doc, re.M), f"{name} is missing from the README's platform section"
         else:
             assert name.startswith(("_", ".")), f"{name} is not overridable with ?= (internal names start with _)"
 
