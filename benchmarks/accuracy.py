@@ -48,9 +48,9 @@ VAL_FRACTION = 0.15
 SAFETY = 0.9  # plan cpu-small's epochs to fill 90 % of the budget: the rest absorbs timing noise
 PER_EPOCH_OVERHEAD_S = 1.0  # checkpoints, metrics, loader start per epoch (measured well under this)
 QUICK_LIMIT = 96
-QUICK_SIZE = 128  # quick mode only: smaller inputs for both configs, so the smoke test stays under 3 minutes
-M46_EPOCHS = 10_000
-PARALLEL_SLOWDOWN = 0.85  # side by side, each run shares memory bandwidth with the other  # "never": the budget stops paper-m46
+QUICK_SIZE = 128  # quick mode only: smaller inputs for both configs (smoke test under 3 minutes)
+M46_EPOCHS = 10_000  # "never": the budget stops paper-m46
+PARALLEL_SLOWDOWN = 0.85  # side by side, each run shares memory bandwidth with the other
 
 
 def _prepared(cfg: Config, workers: int) -> tuple[PreparedCache, float]:

@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="shared RSNA sample (labels.csv + images/); phantoms are used when it is absent")
     parser.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime intra-op threads (default 2)")
     parser.add_argument("--parallel-accuracy", action="store_true",
-                        help="train cpu-small and paper-m46 side by side (give each --threads), not one after the other")
+                        help="train cpu-small and paper-m46 side by side (each with --threads), not in turn")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="scratch folder (caches, big PNGs, runs); default: a temporary folder, deleted after")
     args = parser.parse_args(argv)

@@ -769,7 +769,7 @@ def test_user_variables_use_conditional_assignment_and_are_documented():
         if USER_VAR_RE.match(line):
             assert lines[i - 1].startswith("#"), f"{name} has no comment line above it"
             assert "#" not in line.split("?=", 1)[1], f"{name}: a trailing comment would end up in the value"
-            assert re.search(rf"^\|\s*`{name}`\s*\|", doc, re.M), f"{name} is missing from the README's platform section"
+            assert re.search(rf"^\|\s*`{name}`\s*\|", doc, re.M), f"{name} is missing from the README"
         else:
             assert name.startswith(("_", ".")), f"{name} is not overridable with ?= (internal names start with _)"
 

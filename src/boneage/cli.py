@@ -17,7 +17,8 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--images", required=required, help="folder of <id>.png/.jpg radiographs")
     p.add_argument("--labels", required=required,
                    help="labels CSV: training layout id,boneage,male or the official RSNA test layout")
-    p.add_argument("--cache-dir", help="where preprocessed caches live (default $BONEAGE_CACHE_DIR or ~/.cache/boneage)")
+    p.add_argument("--cache-dir",
+                   help="where preprocessed caches live (default $BONEAGE_CACHE_DIR or ~/.cache/boneage)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows/images with a warning instead of failing")
     p.add_argument("--workers", type=int, default=None, help="processes for preprocessing (default: all cores)")
 
@@ -197,4 +198,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-

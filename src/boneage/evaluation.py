@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -39,7 +40,7 @@ def evaluation_report(predictions: pd.DataFrame, train_mean: float | None = None
     Adds MAE per sex and per 2-year band, and the predict-the-training-mean baseline when given.
     """
     true, pred = predictions["boneage"].to_numpy(), predictions["predicted"].to_numpy()
-    report = regression_metrics(pred, true)
+    report: dict[str, Any] = dict(regression_metrics(pred, true))
     report["mae_by_sex"] = {
         sex: float(np.mean(np.abs(g["predicted"] - g["boneage"])))
         for sex, g in predictions.groupby(np.where(predictions["male"].astype(bool), "M", "F"))
@@ -84,8 +85,9 @@ def save_plots(predictions: pd.DataFrame, out_dir: str | Path, title: str = "") 
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
     ax.scatter(mean, diff, s=8, alpha=0.6)
-    for y, style, label in ((bias, "-", f"bias {bias:+.1f}"), (bias + 1.96 * sd, "--", f"+1.96 SD {bias + 1.96 * sd:+.1f}"),
-                            (bias - 1.96 * sd, "--", f"-1.96 SD {bias - 1.96 * sd:+.1f}")):
+    hi, lo = bias + 1.96 * sd, bias - 1.96 * sd
+    for y, style, label in ((bias, "-", f"bias {bias:+.1f}"), (hi, "--", f"+1.96 SD {hi:+.1f}"),
+                            (lo, "--", f"-1.96 SD {lo:+.1f}")):
         ax.axhline(y, color="k", ls=style, lw=1)
         ax.annotate(label, (float(mean.max()) if len(mean) else 0, y), ha="right", va="bottom", fontsize=8)
     ax.set(xlabel="mean of predicted and reference (months)", ylabel="predicted − reference (months)",

@@ -6,12 +6,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import albumentations as A
 import cv2
 import numpy as np
 
 from boneage.config import AugmentConfig
 from boneage.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 PIXEL_MEAN = 0.5
 PIXEL_STD = 0.25
@@ -58,7 +63,7 @@ def build_transforms(cfg: AugmentConfig, phase: str) -> A.Compose:
     return A.Compose([*steps, _normalize()])
 
 
-def to_tensor(image: np.ndarray, transform: A.Compose) -> "torch.Tensor":  # noqa: F821
+def to_tensor(image: np.ndarray, transform: A.Compose) -> torch.Tensor:
     """uint8 (H, W) -> float tensor (1, H, W) through ``transform`` (torch imported here: ONNX inference needs none)."""
     import torch
 

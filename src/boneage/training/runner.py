@@ -102,8 +102,8 @@ class BoneAgeRunner(dl.IRunner):
         valid = BoneAgeDataset(cache, self.val_idx, build_transforms(cfg.augment, "eval"),
                                self.target["mean"], self.target["std"], task)
         workers = cfg.data.num_workers
-        common = {"num_workers": workers, "persistent_workers": workers > 0,
-                  "pin_memory": torch.cuda.is_available()}
+        common: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0,
+                                  "pin_memory": torch.cuda.is_available()}
         return {
             "train": DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True,
                                 drop_last=len(train) > cfg.train.batch_size, **common),
@@ -196,7 +196,8 @@ def _check_resumable(cfg: Config, last: Path) -> None:
     saved = Config.from_dict(load_checkpoint(last)["config"], source=str(last))
     keys = ("epochs", "batch_size", "lr", "optimizer", "scheduler")
     changed = [k for k in keys if getattr(saved.train, k) != getattr(cfg.train, k)]
-    changed += [f"model.{k}" for k in ("name", "width", "sex_input") if getattr(saved.model, k) != getattr(cfg.model, k)]
+    changed += [f"model.{k}" for k in ("name", "width", "sex_input")
+                if getattr(saved.model, k) != getattr(cfg.model, k)]
     if saved.preprocess != cfg.preprocess:
         changed.append("preprocess")
     if changed:
