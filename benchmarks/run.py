@@ -243,6 +243,22 @@ def render_results(out_dir: Path) -> Path:
     return target
 
 
+README = Path(__file__).resolve().parents[1] / "README.md"
+README_START, README_END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
+
+
+def include_in_readme(results_md: Path, readme: Path = README) -> bool:
+    """Copy RESULTS.md (headings one level down) between the README's benchmark markers."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    body = "\n".join("#" + line if line.startswith("#") else line
+                     for line in results_md.read_text().splitlines()[1:]).strip()
+    head, rest = text.split(README_START, 1)
+    readme.write_text(f"{head}{README_START}\n{body}\n{README_END}{rest.split(README_END, 1)[1]}")
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -269,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
     md = render_results(args.out)
     log(f"wrote {md} ({time.perf_counter() - start:.0f} s in all)")
+    if not args.quick and args.out.resolve() == DEFAULT_OUT_DIR.resolve() and include_in_readme(md):
+        log(f"updated the Benchmarks section of {README}")
     print(md.read_text())
     if failed:
         print(f"benchmark(s) failed: {', '.join(failed)}", file=sys.stderr)
