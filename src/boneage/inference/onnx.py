@@ -140,6 +140,8 @@ class OnnxPredictor(Ensemble):
         self.tta = tta
         self.members: list[OnnxMember] = []
         options = ort.SessionOptions()
+        # no busy-waiting between runs: spinning ORT threads starve torch (Grad-CAM) and other requests
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         for path in paths:
