@@ -3,7 +3,8 @@
 #   make help                       every target with a one-line description
 #   make setup                      build the project image on the platform (once)
 #   make upload-data training       train on a platform GPU; a preempted job resumes by itself
-#   make demo                       local end-to-end smoke run on synthetic phantoms
+#   make setup-local && make demo   install locally (torch first, then boneage pinned), then the phantom demo
+#   make test                       the test suite (installs the test tools first, once per environment)
 #
 # Every variable below is set with ?= : override it on the command line
 # (make training CONFIG=resnet50 TRAINING_PRESET=gpu-large) or in the environment.
@@ -15,10 +16,16 @@
 APOLO ?= apolo
 # Python interpreter used by the local targets.
 PYTHON ?= python
-# pip invocation used by setup-local.
+# pip invocation used by setup-local and by the test-tools install of `test` and `lint`.
 PIP ?= $(PYTHON) -m pip
 # The boneage CLI used by the local targets.
 BONEAGE ?= boneage
+# The torch pair setup-local installs first (the pins of pyproject.toml; tests/test_docs.py checks they agree).
+TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
+# Extra pip options of that torch install, e.g. --index-url https://download.pytorch.org/whl/cpu (CPU-only build).
+TORCH_PIP_OPTIONS ?=
+# pip constraints file (exact versions) of every local install; empty = the newest versions pyproject.toml allows.
+CONSTRAINTS ?= requirements-dev.txt
 
 ##### PROJECT AND STORAGE #####
 
@@ -141,6 +148,8 @@ DEMO_DIR ?= runs/demo
 DEMO_N ?= 320
 # Overrides `make demo` passes to `boneage train --config cpu-small`.
 DEMO_TRAIN_EXTRA ?= train.epochs=8 preprocess.size=96 data.val_fraction=0.2
+# Id of the held-out phantom `make demo` reports on (100000 is the first; its drawn age and sex are used).
+DEMO_FEATURED ?= 100000
 # Notebook `make notebook-html` executes.
 NOTEBOOK ?= notebooks/demo.ipynb
 # Output folder of `make notebook-html`.
@@ -157,6 +166,43 @@ _SETUP_PIP = python -m pip install --progress-bar=off --no-cache-dir -r $(PROJEC
 	&& cp -r $(PROJECT_MOUNT)/pyproject.toml $(PROJECT_MOUNT)/README.md $(PROJECT_MOUNT)/setup.cfg $(CODE_MOUNT) /tmp/boneage-build/ \
 	&& python -m pip install --progress-bar=off --no-cache-dir --no-deps /tmp/boneage-build \
 	&& rm -rf /tmp/boneage-build
+
+# Internal: marks that `$(PIP) install -e '.[dev]'` ran for the Python environment PYTHON resolves to now (one
+# stamp per interpreter path, so a new venv gets its own install); `make clean-local` removes the stamps.
+_DEV_STAMP = .make/setup-dev$(subst /,_,$(shell command -v $(PYTHON) 2>/dev/null || echo $(PYTHON))).stamp
+_PIP_CONSTRAINTS = $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
+
+# Internal: the closing line of `make demo` (argv: DEMO_DIR, DEMO_FEATURED, DEMO_N, DEMO_TRAIN_EXTRA): the
+# featured held-out phantom's drawn age next to the estimate and the model's measured held-out error; also
+# writes DEMO_DIR/summary.json (copy it to docs/demo.json to quote a demo run in the README).
+define _DEMO_SUMMARY_PY
+import csv, json, os, sys, time
+from pathlib import Path
+from boneage.clinical import format_age
+d, featured, n, extra = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
+row = next(r for r in csv.DictReader(open(d / "holdout/labels.csv")) if r["id"] == featured)
+drawn, sex = float(row["boneage"]), "boy" if row["male"] in ("True", "1", "true") else "girl"
+estimate = json.loads((d / "reports" / (featured + ".json")).read_text())["bone_age_months"]
+ev, run = json.loads((d / "eval/metrics.json").read_text()), json.loads((d / "run/metrics.json").read_text())
+mae, err, train_s = ev["mae_months"], abs(estimate - drawn), run["elapsed_s"]
+verdict = ("within its typical error" if err <= mae else "about its typical error" if err <= 1.5 * mae
+           else "far off, beyond its typical error")
+print(f"featured: {d}/holdout/images/{featured}.png, a held-out phantom ({sex}) drawn at {format_age(drawn)}: "
+      f"estimate {format_age(estimate)}, off by {err:.0f} months ({verdict}); the model's held-out phantom MAE "
+      f"is {mae:.1f} months over {ev['n']} phantoms (predicting the mean: {ev['baseline_mae_months']:.1f}) -- a "
+      f"demo model trained for {train_s:.0f} s on {run['target']['n_train']} phantoms, nothing about real radiographs")
+started = (d / ".started").read_text().strip() if (d / ".started").is_file() else None
+summary = {"heldout_mae_months": round(mae, 2), "heldout_rmse_months": round(ev["rmse_months"], 2),
+           "baseline_mae_months": round(ev["baseline_mae_months"], 2), "n_heldout": ev["n"],
+           "n_train": run["target"]["n_train"], "n_valid": run["target"]["n_valid"],
+           "epochs_done": run["epochs_done"], "train_s": round(train_s, 1),
+           "total_s": round(time.time() - float(started), 1) if started else None,
+           "featured": {"id": featured, "drawn_months": drawn, "estimate_months": round(estimate, 2)},
+           "settings": {"DEMO_N": n, "DEMO_TRAIN_EXTRA": extra, "DEMO_FEATURED": featured},
+           "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+(d / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+endef
+export _DEMO_SUMMARY_PY
 
 .DEFAULT_GOAL := help
 
@@ -386,9 +432,23 @@ kill: ## Terminate all of this project's jobs (every running or pending job tagg
 ##@ Local
 
 .PHONY: setup-local
-setup-local: ## Install boneage with all extras into the current Python (prints the apt packages to install)
+setup-local: ## Install torch (TORCH_PACKAGES), then boneage with all extras pinned by CONSTRAINTS, into PYTHON
 	@echo "System packages (Debian/Ubuntu), if missing: sudo apt-get install $$(grep -v '^ *#' apt.txt | xargs)"
-	$(PIP) install -e '.[all]'
+	$(PIP) install $(TORCH_PIP_OPTIONS) $(TORCH_PACKAGES)
+	$(PIP) install $(_PIP_CONSTRAINTS) -e '.[all]'
+
+# The test tools ([dev] extra, pinned by CONSTRAINTS), installed once per environment and again when
+# pyproject.toml or the constraints change; `test` and `lint` depend on it.
+$(_DEV_STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PIP) install $(_PIP_CONSTRAINTS) -e '.[dev]'
+	@mkdir -p $(@D) && touch $@
+
+.PHONY: lock-dev
+lock-dev: ## Rewrite requirements-dev.txt from PYTHON's environment (pip freeze); see README, "Pinned versions"
+	@{ echo "# Exact versions of a green 'make test' (pip constraints: make setup-local / make test install with -c)."; \
+	  echo "# Regenerate with 'make lock-dev' in a fresh venv; see the README, section 'Pinned versions'."; \
+	  $(PIP) freeze --exclude-editable | grep -v -i -E '^boneage(==| @)'; } > requirements-dev.txt.tmp
+	mv requirements-dev.txt.tmp requirements-dev.txt
 
 .PHONY: train-local
 train-local: ## Train CONFIG locally on DATA_DIR into RESULTS_DIR/RUN_NAME (resumes like the platform job)
@@ -411,7 +471,8 @@ tensorboard-local: ## Start TensorBoard locally over RESULTS_DIR
 .PHONY: demo
 demo: ## Synthetic phantoms -> train cpu-small -> evaluate on held-out phantoms -> a report, in DEMO_DIR (CPU)
 	@echo "== DEMO on synthetic phantoms: these numbers say the pipeline works, nothing about real radiographs =="
-	rm -rf $(DEMO_DIR)/run $(DEMO_DIR)/eval $(DEMO_DIR)/reports
+	rm -rf $(DEMO_DIR)/run $(DEMO_DIR)/eval $(DEMO_DIR)/reports $(DEMO_DIR)/summary.json
+	@mkdir -p $(DEMO_DIR) && date +%s > $(DEMO_DIR)/.started
 	$(BONEAGE) synth --out $(DEMO_DIR)/phantoms --n $(DEMO_N) --seed 0
 	$(BONEAGE) synth --out $(DEMO_DIR)/holdout --n $$(( $(DEMO_N) / 4 )) --seed 1
 	$(BONEAGE) train \
@@ -425,17 +486,22 @@ demo: ## Synthetic phantoms -> train cpu-small -> evaluate on held-out phantoms 
 		--images $(DEMO_DIR)/holdout/images \
 		--labels $(DEMO_DIR)/holdout/labels.csv \
 		--out $(DEMO_DIR)/eval
-	$(BONEAGE) predict $(DEMO_DIR)/holdout/images/100000.png \
-		--checkpoint $(DEMO_DIR)/run/best.pt --sex F --chronological-age 9y6m \
+	@echo "== featured held-out phantom $(DEMO_FEATURED): chronological age and sex = its drawn age and sex (holdout/labels.csv) =="
+	set -- $$(awk -F, '$$1 == "$(DEMO_FEATURED)" { print $$2, ($$3 ~ /^(True|true|1)$$/ ? "M" : "F") }' \
+		$(DEMO_DIR)/holdout/labels.csv); test $$# -eq 2 \
+		|| { echo "DEMO_FEATURED=$(DEMO_FEATURED) is no id of $(DEMO_DIR)/holdout/labels.csv" >&2; exit 1; }; \
+	$(BONEAGE) predict $(DEMO_DIR)/holdout/images/$(DEMO_FEATURED).png \
+		--checkpoint $(DEMO_DIR)/run/best.pt --sex $$2 --chronological-age $$1 \
 		--out $(DEMO_DIR)/reports
-	@echo "== DEMO done (synthetic phantoms): metrics in $(DEMO_DIR)/eval/metrics.json, report in $(DEMO_DIR)/reports =="
+	@$(PYTHON) -c "$$_DEMO_SUMMARY_PY" $(DEMO_DIR) $(DEMO_FEATURED) $(DEMO_N) "$(DEMO_TRAIN_EXTRA)"
+	@echo "== DEMO done (synthetic phantoms): metrics in $(DEMO_DIR)/eval/metrics.json, report in $(DEMO_DIR)/reports, summary in $(DEMO_DIR)/summary.json =="
 
 .PHONY: test
-test: ## Run the test suite
+test: $(_DEV_STAMP) ## Run the test suite (installs the [dev] test tools into PYTHON's environment first, once)
 	$(PYTHON) -m pytest -q
 
 .PHONY: lint
-lint: ## flake8 on src and tests, mypy on src
+lint: $(_DEV_STAMP) ## flake8 on src and tests, mypy on src
 	$(PYTHON) -m flake8 src tests
 	$(PYTHON) -m mypy src
 
@@ -457,6 +523,6 @@ notebook-html: ## Execute NOTEBOOK and write NOTEBOOK_OUT/demo.html
 		--output-dir $(NOTEBOOK_OUT) --output $(basename $(notdir $(NOTEBOOK))) $(NOTEBOOK)
 
 .PHONY: clean-local
-clean-local: ## Delete local demo/notebook outputs and tool caches (keeps RESULTS_DIR and data)
-	rm -rf $(DEMO_DIR) $(NOTEBOOK_OUT) .pytest_cache .mypy_cache .hypothesis
+clean-local: ## Delete local demo/notebook outputs, tool caches and install stamps (keeps RESULTS_DIR and data)
+	rm -rf $(DEMO_DIR) $(NOTEBOOK_OUT) .pytest_cache .mypy_cache .hypothesis .make
 	find . -path ./.git -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +

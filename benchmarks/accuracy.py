@@ -1,6 +1,6 @@
-"""Accuracy under a fixed CPU budget: cpu-small vs paper-m46 (the original recipe's settings).
+"""Accuracy under a fixed CPU budget: cpu-small, BoneNet-S from scratch, paper-m46, and cpu-small's ablation.
 
-Both configs train with ``boneage.training.runner.train`` on the same data, the same fixed, seeded,
+Every run trains with ``boneage.training.runner.train`` on the same data, the same fixed, seeded,
 stratified validation split (``data.val_fraction=0.15``, ``data.split_seed=2017``; about 1,000
 images of the shared RSNA sample) and the same wall-clock budget (``train.max_minutes``), on CPU
 with ``train.num_threads=threads``. The budget counts training and validation epochs; building
@@ -8,11 +8,17 @@ the preprocessing caches happens before and is excluded for both (reported separ
 
 - ``paper-m46`` has no LR schedule: ``train.epochs`` is set far beyond reach and the budget stops it
   (after the epoch that crosses it, so it may overrun by up to one epoch: its real time is reported).
-- ``cpu-small`` uses a one-cycle schedule, which must know its length: a short calibration
+- ``cpu-small``, ``bonenet-s`` and the ablation rows use a one-cycle schedule, which must know its length: a
+  short calibration
   (a few real training batches and validation batches, outside the budget) measures seconds per
   epoch, and ``train.epochs = floor(0.9 * budget / seconds_per_epoch)``, so the schedule completes
   within the budget. ``train.max_minutes`` stays set as a safety stop; ``schedule_completed``
   reports whether it bound.
+
+The ablation ladder adds cpu-small's choices one at a time, from an untuned fine-tune of the same
+ImageNet weights (128 px, one LR, no EMA) up to the shipped recipe, then varies the preprocessing of
+the recipe (hand crop, CLAHE, augmentation). All rows share the budget, so a faster change also
+buys more epochs: the table gives both.
 
 Reported: best-epoch validation MAE and RMSE (the checkpoint a user gets, chosen on this
 validation set, as the runner does for both configs), the last epoch's MAE, and the baseline
@@ -22,8 +28,6 @@ validation set, as the runner does for both configs), the last epoch's MAE, and 
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 import math
 import statistics
 import time
@@ -50,7 +54,6 @@ PER_EPOCH_OVERHEAD_S = 1.0  # checkpoints, metrics, loader start per epoch (meas
 QUICK_LIMIT = 96
 QUICK_SIZE = 128  # quick mode only: smaller inputs for both configs (smoke test under 3 minutes)
 M46_EPOCHS = 10_000  # "never": the budget stops paper-m46
-PARALLEL_SLOWDOWN = 0.85  # side by side, each run shares memory bandwidth with the other
 
 
 def _prepared(cfg: Config, workers: int) -> tuple[PreparedCache, float]:
@@ -80,12 +83,14 @@ def seconds_per_epoch(cfg: Config, cache: PreparedCache, *, train_batches: int, 
     torch.manual_seed(cfg.train.seed)
     model = create_model(m.name, task=m.task, sex_input=m.sex_input, pretrained=False, dropout=m.dropout,
                          width=m.width)
+    fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     criterion = torch.nn.L1Loss()
 
     def step(batch: dict[str, torch.Tensor]) -> None:
         optimizer.zero_grad(set_to_none=True)
-        out = model(batch["image"], batch["male"] if m.sex_input else None)
+        out = model(batch["image"].contiguous(memory_format=fmt), batch["male"] if m.sex_input else None)
         criterion(out, batch["target"]).backward()
         optimizer.step()
 
@@ -105,7 +110,7 @@ def seconds_per_epoch(cfg: Config, cache: PreparedCache, *, train_batches: int, 
         for i in range(min(val_batches + 1, len(val_loader))):
             t0 = time.perf_counter()
             batch = next(it)
-            model(batch["image"], batch["male"] if m.sex_input else None)
+            model(batch["image"].contiguous(memory_format=fmt), batch["male"] if m.sex_input else None)
             if i > 0:
                 val_times.append(time.perf_counter() - t0)
     val_batch_s = statistics.median(val_times) if val_times else train_batch_s / 2
@@ -123,7 +128,7 @@ def _train_quietly(cfg: Config, run_dir: Path, workers: int) -> dict[str, Any]:
 
 
 def _summary(metrics: dict[str, Any], planned_epochs: int, budget_s: float) -> dict[str, Any]:
-    history = metrics.get("history") or []
+    history = [h for h in metrics.get("history") or [] if h.get("valid")]  # epochs that were validated
     best = metrics["best"]
     return {
         "mae": float(best["mae_months"]),
@@ -143,9 +148,80 @@ def _summary(metrics: dict[str, Any], planned_epochs: int, budget_s: float) -> d
     }
 
 
+# (key, what changed, config, overrides). The three configs first, then cpu-small's ladder: each row adds one
+# choice to the row above it, up to the shipped recipe; the last rows vary the recipe's preprocessing.
+UNTUNED = ["preprocess.size=128", "train.lr=1e-3", "train.backbone_lr_mult=1.0", "train.warmup_pct=0.2",
+           "train.ema_decay=0", "train.channels_last=false"]
+RUNS: tuple[tuple[str, str, str, tuple[str, ...]], ...] = (
+    ("cpu-small", "the shipped recipe: EfficientNet-Lite0 from ImageNet, 160 px", "cpu-small", ()),
+    ("bonenet-s", "BoneNet-S from scratch (the previous cpu-small)", "bonenet-s", ()),
+    ("paper-m46", "the original recipe's M46 and settings", "paper-m46", ()),
+    ("lite0-untuned", "Lite0 from ImageNet, untuned: 128 px, one LR 1e-3, no EMA", "cpu-small", tuple(UNTUNED)),
+    ("lite0-lr", "+ channels-last (speed), head LR 2e-3 / backbone 1e-3, 15 % warm-up", "cpu-small",
+     ("preprocess.size=128", "train.ema_decay=0")),
+    ("lite0-ema", "+ EMA of the weights (decay 0.997)", "cpu-small", ("preprocess.size=128",)),
+    ("lite0-160-crop", "cpu-small + hand crop", "cpu-small", ("preprocess.crop_hand=true",)),
+    ("lite0-160-noclahe", "cpu-small without CLAHE", "cpu-small", ("preprocess.clahe=false",)),
+    ("lite0-160-noaug", "cpu-small without augmentation", "cpu-small", ("augment.level=none",)),
+)
+LADDER_END = "cpu-small"  # the ladder's last step (+ 160 px) is the shipped recipe itself
+CONFIG_ROWS = ("cpu-small", "bonenet-s", "paper-m46")
+PLOT = Path(__file__).resolve().parents[1] / "img" / "accuracy_vs_minutes.png"
+
+
+def _one_cycle(cfg: Config) -> bool:
+    return cfg.train.scheduler == "onecycle"
+
+
+def _budget_run(key: str, config_name: str, settings: list[str], budget_s: float, work_dir: Path,
+                cache_workers: int, quick: bool) -> dict[str, Any]:
+    """Plan the epochs to fit the budget (one-cycle) or let the budget stop it, then train."""
+    cfg = load_config(config_name, settings)
+    cache, build_s = _prepared(cfg, cache_workers)
+    if _one_cycle(cfg):
+        calib = seconds_per_epoch(cfg, cache, train_batches=3 if quick else 12, val_batches=1 if quick else 4)
+        epochs = max(1, int(SAFETY * budget_s // calib["seconds_per_epoch"]))
+        rule = f"floor({SAFETY:.2f} * budget_s / seconds_per_epoch)"
+    else:
+        calib, epochs, rule = None, M46_EPOCHS, "train.epochs beyond reach; train.max_minutes stops it"
+    del cache
+    cfg = load_config(config_name, [*settings, f"train.epochs={epochs}"])
+    log(f"accuracy: {key}: {epochs if epochs != M46_EPOCHS else 'budget-stopped'} epoch(s) in {budget_s:.0f} s")
+    metrics = _train_quietly(cfg, work_dir / "runs" / key, cache_workers)
+    summary = {**_summary(metrics, epochs, budget_s), "cache_build_s": build_s, "calibration": calib,
+               "epochs_rule": rule, "target": metrics["target"], "overrides": settings,
+               "config": config_name, "preprocess_size": cfg.preprocess.size}
+    if not _one_cycle(cfg):
+        summary["schedule_completed"] = None
+    log(f"accuracy: {key}: MAE {summary['mae']:.2f} months in {metrics['epochs_done']} epoch(s)")
+    return summary
+
+
+def save_plot(runs: dict[str, Any], path: Path) -> Path:
+    """Validation MAE against minutes (epoch ends) for every config row; no pyplot."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    for key in CONFIG_ROWS:
+        run = runs.get(key)
+        if not run or not run["val_mae_by_epoch"]:
+            continue
+        minutes = [float(s) / 60 for s in run["elapsed_s_by_epoch"]]
+        ax.plot(minutes, run["val_mae_by_epoch"], marker="o", label=f"{key} (best {run['mae']:.1f})")
+    ax.set_xlabel("training minutes (2 CPU cores)")
+    ax.set_ylabel("validation MAE (months)")
+    ax.set_title("Shared RSNA sample, same split and budget")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
 def run(out_dir: Path, *, quick: bool, rsna_dir: Path, work_dir: Path, threads: int,
-        budget_min: float, parallel: bool = False) -> dict[str, Any]:
-    del out_dir
+        budget_min: float) -> dict[str, Any]:
+    """Every row of ``RUNS`` in turn (each with every thread: no run slows another), then TTA and the plot."""
     if rsna_available(rsna_dir):
         images, labels = rsna_dir / "images", rsna_dir / "labels.csv"
         dataset = f"shared RSNA sample ({rsna_dir.name}, 299 x 299)"
@@ -158,80 +234,52 @@ def run(out_dir: Path, *, quick: bool, rsna_dir: Path, work_dir: Path, threads: 
     common = [f"data.images={images}", f"data.labels={labels}", f"data.cache_dir={cache_dir}",
               f"data.val_fraction={VAL_FRACTION}", f"data.split_seed={SPLIT_SEED}", "data.n_folds=0",
               "train.engine=cpu", f"train.num_threads={threads}", f"train.max_minutes={budget_min}"]
-    if quick:
-        common += [f"data.limit={QUICK_LIMIT}", f"preprocess.size={QUICK_SIZE}"]
-
+    extra = [f"data.limit={QUICK_LIMIT}", f"preprocess.size={QUICK_SIZE}"] if quick else []
     runs: dict[str, Any] = {}
-    # --- cpu-small: calibrate, then plan the one-cycle schedule to fit the budget -----------------
-    probe = load_config("cpu-small", common)
-    cache, build_s = _prepared(probe, cache_workers)
-    log(f"accuracy: cpu-small cache ready ({len(cache.index)} images, {build_s:.1f} s); calibrating")
-    calib = seconds_per_epoch(probe, cache, train_batches=3 if quick else 12, val_batches=1 if quick else 4)
-    safety = SAFETY * (PARALLEL_SLOWDOWN if parallel else 1.0)
-    epochs = max(1, int(safety * budget_s // calib["seconds_per_epoch"]))
-    log(f"accuracy: cpu-small ~{calib['seconds_per_epoch']:.1f} s/epoch -> train.epochs={epochs} "
-        f"for a {budget_s:.0f} s budget")
-    small_cfg = load_config("cpu-small", [*common, f"train.epochs={epochs}"])
-    paper_cfg = load_config("paper-m46", [*common, f"train.epochs={M46_EPOCHS}"])
-    paper_cache, paper_build_s = _prepared(paper_cfg, cache_workers)
-    del cache, paper_cache
-    jobs = {"cpu-small": small_cfg, "paper-m46": paper_cfg}
-    if parallel:  # both at once, one core each: same hardware share, half the wall time
-        log(f"accuracy: training both configs side by side for {budget_s:.0f} s, {threads} thread(s) each")
-        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
-            futures = {name: pool.submit(_train_quietly, cfg, work_dir / "runs" / name, cache_workers)
-                       for name, cfg in jobs.items()}
-            results = {name: f.result() for name, f in futures.items()}
-    else:
-        results = {name: _train_quietly(cfg, work_dir / "runs" / name, cache_workers) for name, cfg in jobs.items()}
-    metrics = results["cpu-small"]
-    runs["cpu-small"] = {**_summary(metrics, epochs, budget_s), "cache_build_s": build_s, "calibration": calib,
-                         "epochs_rule": f"floor({safety:.2f} * budget_s / seconds_per_epoch)",
-                         "target": metrics["target"]}
-    log(f"accuracy: cpu-small MAE {runs['cpu-small']['mae']:.2f} months in {metrics['epochs_done']} epochs")
-    metrics = results["paper-m46"]
-    runs["paper-m46"] = {**_summary(metrics, M46_EPOCHS, budget_s), "cache_build_s": paper_build_s,
-                         "epochs_rule": "train.epochs set beyond reach; train.max_minutes stops it "
-                                        "(checked after every batch: the last epoch is cut short, then validated)",
-                         "target": metrics["target"]}
-    runs["paper-m46"]["schedule_completed"] = None  # no schedule to complete
-    log(f"accuracy: paper-m46 MAE {runs['paper-m46']['mae']:.2f} months in {metrics['epochs_done']} epochs")
-
-    small, paper = runs["cpu-small"], runs["paper-m46"]
-    if small["target"]["n_valid"] != paper["target"]["n_valid"] or not math.isclose(
-            small["target"]["baseline_val_mae_months"], paper["target"]["baseline_val_mae_months"]):
-        raise RuntimeError("the two runs did not use the same validation split")
-    ratio = small["mae"] / paper["mae"]
+    rows = RUNS[:4] if quick else RUNS  # quick: the three configs and one ablation row check the plumbing
+    for key, _, config_name, overrides in rows:
+        settings = [*common, *overrides, *extra]
+        runs[key] = _budget_run(key, config_name, settings, budget_s, work_dir, cache_workers, quick)
+        runs[key]["overrides"] = list(overrides)
+    splits = {(r["target"]["n_valid"], round(r["target"]["baseline_val_mae_months"], 6)) for r in runs.values()}
+    if len(splits) != 1:
+        raise RuntimeError(f"the runs did not all use the same validation split: {splits}")
+    small, paper, scratch = runs["cpu-small"], runs["paper-m46"], runs["bonenet-s"]
+    plot = save_plot(runs, out_dir / "accuracy_vs_minutes.png" if quick else PLOT)
     return {
         "cpu_small_mae": small["mae"],
+        "bonenet_s_mae": scratch["mae"],
         "paper_m46_mae": paper["mae"],
         "baseline_mae": float(small["target"]["baseline_val_mae_months"]),
         "budget_s": budget_s,
         "cpu_small_rmse": small["rmse"],
         "paper_m46_rmse": paper["rmse"],
-        "cpu_small_last_epoch_mae": small["last_epoch_mae"],
-        "paper_m46_last_epoch_mae": paper["last_epoch_mae"],
         "n_val": int(small["target"]["n_valid"]),
         "n_train": int(small["target"]["n_train"]),
-        "mae_ratio_cpu_small_to_paper_m46": ratio,
-        "targets": {"cpu_small_mae_le_0.6x_paper_m46": ratio <= 0.6,
-                    "cpu_small_mae_le_12_months": small["mae"] <= 12.0},
+        "mae_ratio_cpu_small_to_paper_m46": small["mae"] / paper["mae"],
+        "mae_ratio_cpu_small_to_bonenet_s": small["mae"] / scratch["mae"],
+        "ladder_end": LADDER_END,
+        "plot": str(plot),
+        "order": [key for key, *_ in rows],
+        "labels": {key: what for key, what, *_ in rows},
+        "config_rows": list(CONFIG_ROWS),
         "dataset": dataset,
         "split": {"val_fraction": VAL_FRACTION, "split_seed": SPLIT_SEED, "stratified_by": "24-month band x sex",
                   "limit": QUICK_LIMIT if quick else None},
         "input_size_override": QUICK_SIZE if quick else None,
         "device": "cpu",
         "threads": threads,
-        "parallel": parallel,
         "runs": runs,
         "gpu": "not measured",
         "mode": "quick" if quick else "full",
         "notes": [
             "MAE/RMSE: the best epoch on the validation split (the checkpoint train() keeps, selected on the same "
-            "split for both configs); last_epoch_mae is the final epoch's",
-            "the budget covers training + validation epochs; cache builds (one-off) and cpu-small's calibration "
-            "are outside it for both; paper-m46 may overrun by up to one epoch (train_elapsed_s)",
+            "split for every run); last_epoch_mae is the final epoch's",
+            "the budget covers training + validation epochs; cache builds (one-off) and the one-cycle runs' "
+            "calibration are outside it; budget-stopped runs may overrun by up to one epoch (train_elapsed_s)",
             "paper-m46 = the original recipe's model and settings run through this toolkit's pipeline",
+            "one-cycle runs plan their epochs to fit the budget, so a shorter budget means a shorter schedule: "
+            "these numbers rank the choices at this budget; the 30-minute cpu-small result is in the README",
         ] + ([f"quick mode: {QUICK_LIMIT} images at {QUICK_SIZE} px and a {budget_s:.0f} s budget: a smoke test, "
               "MAE is meaningless"] if quick else []),
     }

@@ -24,7 +24,7 @@ from typing import Any
 from benchmarks.common import DEFAULT_OUT_DIR, DEFAULT_RSNA_DIR, hardware_info, log, write_result
 
 BENCHMARKS = ("data", "train", "inference", "accuracy")
-DEFAULT_BUDGET_MIN = 30.0
+DEFAULT_BUDGET_MIN = 6.0
 QUICK_BUDGET_MIN = 0.15
 QUICK_OUT_DIR = Path(tempfile.gettempdir()) / "boneage-bench-quick"
 
@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=",".join(BENCHMARKS),
                         help=f"comma-separated subset of {','.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--budget-min", type=float, default=None,
-                        help=f"accuracy: wall-clock minutes per config (default {DEFAULT_BUDGET_MIN:g}; "
+                        help=f"accuracy: wall-clock minutes per run (9 runs) (default {DEFAULT_BUDGET_MIN:g}; "
                              f"--quick: {QUICK_BUDGET_MIN:g})")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"result folder (default {DEFAULT_OUT_DIR.relative_to(DEFAULT_OUT_DIR.parents[1])}, "
@@ -45,8 +45,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rsna", type=Path, default=DEFAULT_RSNA_DIR,
                         help="shared RSNA sample (labels.csv + images/); phantoms are used when it is absent")
     parser.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime intra-op threads (default 2)")
-    parser.add_argument("--parallel-accuracy", action="store_true",
-                        help="train cpu-small and paper-m46 side by side (each with --threads), not in turn")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="scratch folder (caches, big PNGs, runs); default: a temporary folder, deleted after")
     args = parser.parse_args(argv)
@@ -80,7 +78,7 @@ def run_one(name: str, args: argparse.Namespace, work_dir: Path) -> dict[str, An
         from benchmarks import inference_latency
         return inference_latency.run(args.out, **common)
     from benchmarks import accuracy
-    return accuracy.run(args.out, budget_min=args.budget_min, parallel=args.parallel_accuracy, **common)
+    return accuracy.run(args.out, budget_min=args.budget_min, **common)
 
 
 # --- RESULTS.md -----------------------------------------------------------------------------------
@@ -167,30 +165,46 @@ def _inference_md(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _accuracy_row(key: str, x: dict[str, Any], what: str) -> str:
+    planned = "budget" if x.get("schedule_completed") is None else str(x["epochs_planned"])
+    return (f"| {key} | {what} | **{_f(x['mae'], 2)}** | {_f(x['rmse'], 2)} | {_f(x.get('within_12_months_pct'), 1)} "
+            f"| {x['epochs_done']} / {planned} | {_f(x['train_elapsed_s'] / 60, 1)} |")
+
+
 def _accuracy_md(r: dict[str, Any]) -> list[str]:
-    runs = r["runs"]
-    t = r["targets"]
+    runs, labels = r["runs"], r.get("labels", {})
+    header = ["| run | what | MAE (best epoch) | RMSE | % within 12 months | epochs done / planned | minutes |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     lines = ["## Accuracy under a fixed CPU budget (validation, months)", "",
              f"_{_hardware_line(r)}_", "",
              f"{r['dataset']}; validation split: {r['n_val']} images (val_fraction {r['split']['val_fraction']}, "
              f"split_seed {r['split']['split_seed']}, stratified), {r['n_train']} training images; budget "
-             f"{_f(r['budget_s'] / 60, 2)} min per config on CPU, threads: {r['threads']}"
-             + (" each, both configs trained side by side" if r.get("parallel") else "")
+             f"{_f(r['budget_s'] / 60, 2)} min per run on CPU, threads: {r['threads']}, one run after another"
              + (f"; inputs {r['input_size_override']} px (quick mode)" if r.get("input_size_override") else "")
-             + ".", "",
-             "| config | MAE (best epoch) | RMSE | MAE (last epoch) | epochs done / planned | training time |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name in ("cpu-small", "paper-m46"):
-        x = runs[name]
-        planned = "budget" if name == "paper-m46" else str(x["epochs_planned"])
-        lines.append(f"| {name} | **{_f(x['mae'], 2)}** | {_f(x['rmse'], 2)} | {_f(x['last_epoch_mae'], 2)} "
-                     f"| {x['epochs_done']} / {planned} | {_f(x['train_elapsed_s'], 0)} s |")
-    lines.append(f"| mean predictor (baseline) | {_f(r['baseline_mae'], 2)} | | | | |")
-    lines.append("| GPU | not measured | | | | |")
-    lines += ["", f"cpu-small / paper-m46 MAE ratio: {_f(r['mae_ratio_cpu_small_to_paper_m46'], 2)} (target <= 0.6: "
-              f"{'met' if t['cpu_small_mae_le_0.6x_paper_m46'] else 'not met'}); cpu-small MAE <= 12 months: "
-              f"{'met' if t['cpu_small_mae_le_12_months'] else 'not met'}."]
-    lines += [f"- {n}" for n in r.get("notes", [])]
+             + ".", "", *header]
+    for key in r["config_rows"]:
+        lines.append(_accuracy_row(key, runs[key], labels.get(key, "")))
+    lines.append(f"| mean predictor | baseline | {_f(r['baseline_mae'], 2)} | | | | |")
+    lines.append("| GPU | | not measured | | | | |")
+    lines += ["", f"cpu-small / BoneNet-S MAE ratio {_f(r['mae_ratio_cpu_small_to_bonenet_s'], 2)}; cpu-small / "
+              f"paper-m46 {_f(r['mae_ratio_cpu_small_to_paper_m46'], 2)}. Plot: `img/{Path(r['plot']).name}`.", "",
+              "### cpu-small ablation (same budget, each row adds one change to the row above)", "", *header]
+    ladder = [k for k in r["order"] if k not in r["config_rows"]]
+    build = [k for k in ladder if "-160-" not in k]  # steps towards the recipe; "-160-" rows vary the recipe
+    previous = None
+    for key in build:
+        x = runs[key]
+        delta = "" if previous is None else f" ({x['mae'] - previous:+.2f})"
+        lines.append(_accuracy_row(key, x, labels.get(key, "") + delta))
+        previous = x["mae"]
+    recipe = runs.get(r.get("ladder_end", ""))
+    if recipe is not None and previous is not None:
+        lines.append(_accuracy_row(r["ladder_end"], recipe,
+                                   f"+ 160 px = the shipped recipe ({recipe['mae'] - previous:+.2f})"))
+        for key in (k for k in ladder if "-160-" in k):
+            x = runs[key]
+            lines.append(_accuracy_row(key, x, f"{labels.get(key, '')} ({x['mae'] - recipe['mae']:+.2f} vs cpu-small)"))
+    lines += [""] + [f"- {n}" for n in r.get("notes", [])]
     return lines
 
 

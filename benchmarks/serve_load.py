@@ -5,8 +5,8 @@
 
 The server is the real command (``python -m boneage.cli serve --port 0``) in a subprocess, so the
 clients (one ``httpx.Client`` per thread, each its own connection) do not share its interpreter.
-Without ``--checkpoint`` a random-weights model of the ``cpu-small`` architecture (bonenet_s,
-192 px) is saved to a temporary folder: latency does not depend on the weights, the bone ages do
+Without ``--checkpoint`` a random-weights model of the ``cpu-small`` architecture (its model and
+input size) is saved to a temporary folder: latency does not depend on the weights, the bone ages do
 (the output says which was used). A few phantom radiographs (PNG, with sex and chronological age)
 are each sent once as a reference; then every answer must be 200 with the reference's bone age,
 or it counts as an error. The run is bounded in count (``--requests``) and time (``--time-limit``).
@@ -34,13 +34,14 @@ import httpx
 import numpy as np
 
 from benchmarks.common import DEFAULT_OUT_DIR, hardware_info, log, write_result
+from boneage.config import load_config
 
 PREDICT = "/api/v1/predict"
 TARGET = {"mean": 127.3, "std": 41.2}  # any values would do for a latency test
 
 
 def random_checkpoint(folder: Path) -> Path:
-    """A cpu-small model (bonenet_s at its 192 px) with seeded random weights, saved as a checkpoint."""
+    """A cpu-small model (its architecture and input size) with seeded random weights, saved as a checkpoint."""
     import torch
 
     from boneage.checkpoint import save_checkpoint
@@ -219,8 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             described = ", ".join(Path(c).name for c in checkpoints) + " (given)"
         else:
             checkpoints = [str(random_checkpoint(Path(tmp)))]
-            described = ("random weights, cpu-small architecture (bonenet_s, 192 px): latency is representative, "
-                         "the bone ages are not")
+            cfg = load_config("cpu-small")
+            described = (f"random weights, cpu-small architecture ({cfg.model.name}, {cfg.preprocess.size} px): "
+                         "latency is representative, the bone ages are not")
         log(f"checkpoint: {described}")
         items = phantom_requests(args.images)
         server = Server(checkpoints, args.workers)

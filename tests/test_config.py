@@ -6,7 +6,7 @@ import yaml
 from boneage.config import Config, load_config, shipped_configs
 from boneage.errors import ConfigError
 
-SHIPPED = ["cpu-small", "paper-m46", "resnet50", "inceptionv3"]
+SHIPPED = ["cpu-small", "bonenet-s", "lite0-gpu", "paper-m46", "resnet50", "inceptionv3"]
 
 
 def test_every_issue_config_is_shipped():
@@ -21,6 +21,17 @@ def test_shipped_config_loads_and_builds_its_model(name):
     assert cfg.name == name
     assert cfg.model.name in list_models()
     assert Config.from_dict(cfg.to_dict()) == cfg  # what checkpoints store round-trips
+
+
+def test_cpu_small_fine_tunes_the_packaged_imagenet_weights():
+    cfg = load_config("cpu-small")
+    assert (cfg.model.name, cfg.model.pretrained, cfg.model.sex_input) == ("efficientnet_lite0", True, True)
+    assert cfg.train.backbone_lr_mult < 1 and cfg.train.ema_decay > 0 and cfg.train.max_minutes <= 30
+    scratch = load_config("bonenet-s")
+    assert (scratch.model.name, scratch.model.pretrained) == ("bonenet_s", False)
+    gpu = load_config("lite0-gpu")
+    assert gpu.model.name == "efficientnet_lite0" and 384 <= gpu.preprocess.size <= 512
+    assert gpu.augment.level == "strong" and gpu.model.pretrained is True
 
 
 def test_overrides_are_typed():

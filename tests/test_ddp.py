@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo DDP test r
 def test_ddp_two_processes_matches_single_process_evaluation(tmp_path, monkeypatch):
     monkeypatch.setenv("MASTER_PORT", "29631")
     data = make_synth_dataset(tmp_path / "phantoms", 40, seed=3)
-    cfg = load_config("cpu-small", [
+    cfg = load_config("bonenet-s", [  # the DDP machinery, on the fast from-scratch model
         f"data.images={data / 'images'}", f"data.labels={data / 'labels.csv'}", f"data.cache_dir={tmp_path / 'cache'}",
         "data.val_fraction=0.3", "preprocess.size=64", "model.width=0.5", "train.batch_size=8", "train.epochs=2",
         "train.engine=ddp", "train.ddp_workers=2", "train.num_threads=1"])

@@ -7,7 +7,7 @@
   removed, renamed or misspelled flag fails here rather than on the platform.
 * The Makefile is parsed: every target has a ``## description`` that ``make help`` shows,
   every target is .PHONY, every user variable is ``?=`` with a comment and a row in
-  the README's platform section.
+  docs/platform.md (tests/test_docs.py checks the defaults, the README and .ci/run).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MAKEFILE = ROOT / "Makefile"
 LIVE_YML = ROOT / ".apolo" / "live.yml"
 FAKE_APOLO = ROOT / "tests" / "fake_apolo" / "apolo.py"
-PLATFORM_DOC = ROOT / "README.md"
+PLATFORM_DOC = ROOT / "docs" / "platform.md"
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="GNU make is not installed")
 
@@ -70,7 +70,16 @@ REQUIRED_TARGETS = {
 # --------------------------------------------------------------------------------------
 
 def _makefile_lines() -> list[str]:
-    return MAKEFILE.read_text(encoding="utf-8").splitlines()
+    """The Makefile's lines, without the bodies of ``define ... endef`` blocks (embedded scripts)."""
+    lines, in_define = [], False
+    for line in MAKEFILE.read_text(encoding="utf-8").splitlines():
+        if re.match(r"^define\s", line):
+            in_define = True
+        elif in_define and line.strip() == "endef":
+            in_define = False
+        elif not in_define:
+            lines.append(line)
+    return lines
 
 
 RULE_RE = re.compile(r"^([A-Za-z0-9_.-]+(?:\s+[A-Za-z0-9_.-]+)*)\s*:(?![=:])(.*)$")
@@ -769,7 +778,7 @@ def test_user_variables_use_conditional_assignment_and_are_documented():
         if USER_VAR_RE.match(line):
             assert lines[i - 1].startswith("#"), f"{name} has no comment line above it"
             assert "#" not in line.split("?=", 1)[1], f"{name}: a trailing comment would end up in the value"
-            assert re.search(rf"^\|\s*`{name}`\s*\|", doc, re.M), f"{name} is missing from the README"
+            assert re.search(rf"^\|\s*`{name}`\s*\|", doc, re.M), f"{name} is missing from docs/platform.md"
         else:
             assert name.startswith(("_", ".")), f"{name} is not overridable with ?= (internal names start with _)"
 
@@ -784,11 +793,15 @@ def test_train_local_shows_overridden_values(fake):
     assert tail == ["--out", "/r/paper-m46", "--resume", "train.epochs=2", "--engine", "cpu"]
 
 
+def _dry(fake, *args: str) -> list[list[str]]:
+    out = fake.make("-n", *args).stdout.replace("\\\n", " ")
+    return [shlex.split(line) for line in out.splitlines() if line.strip()]
+
+
 def test_demo_commands(fake):
-    out = fake.make("-n", "demo", "DEMO_DIR=/tmp/d").stdout.replace("\\\n", " ")
-    cmds = [shlex.split(line) for line in out.splitlines() if line.strip() and not line.startswith("echo")]
-    assert cmds == [
-        ["rm", "-rf", "/tmp/d/run", "/tmp/d/eval", "/tmp/d/reports"],
+    cmds = [c for c in _dry(fake, "demo", "DEMO_DIR=/tmp/d") if c[0] != "echo"]
+    assert cmds[0] == ["rm", "-rf", "/tmp/d/run", "/tmp/d/eval", "/tmp/d/reports", "/tmp/d/summary.json"]
+    assert cmds[2:6] == [
         ["boneage", "synth", "--out", "/tmp/d/phantoms", "--n", "320", "--seed", "0"],
         ["boneage", "synth", "--out", "/tmp/d/holdout", "--n", "$((", "320", "/", "4", "))", "--seed", "1"],
         ["boneage", "train", "--config", "cpu-small", "--images", "/tmp/d/phantoms/images",
@@ -796,18 +809,65 @@ def test_demo_commands(fake):
          "train.epochs=8", "preprocess.size=96", "data.val_fraction=0.2"],
         ["boneage", "evaluate", "--checkpoint", "/tmp/d/run/best.pt", "--images", "/tmp/d/holdout/images",
          "--labels", "/tmp/d/holdout/labels.csv", "--out", "/tmp/d/eval"],
-        ["boneage", "predict", "/tmp/d/holdout/images/100000.png", "--checkpoint", "/tmp/d/run/best.pt",
-         "--sex", "F", "--chronological-age", "9y6m", "--out", "/tmp/d/reports"],
     ]
+    # The featured held-out phantom is predicted with ITS drawn age and sex, read from holdout/labels.csv ...
+    predict = next(c for c in cmds if "predict" in c)
+    assert any(arg.startswith("/tmp/d/holdout/labels.csv") for arg in predict)
+    tail = predict[predict.index("boneage"):]
+    assert tail == ["boneage", "predict", "/tmp/d/holdout/images/100000.png", "--checkpoint", "/tmp/d/run/best.pt",
+                    "--sex", "$2", "--chronological-age", "$1", "--out", "/tmp/d/reports"]
+    # ... and the closing line (summary.json too) comes from the held-out evaluation and that report.
+    assert cmds[-1][:2] == ["python", "-c"]
+    assert cmds[-1][-4:] == ["/tmp/d", "100000", "320", "train.epochs=8 preprocess.size=96 data.val_fraction=0.2"]
+    featured = [c[c.index("predict") + 1] for c in _dry(fake, "demo", "DEMO_FEATURED=100007") if "predict" in c]
+    assert featured == ["runs/demo/holdout/images/100007.png"]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_features_a_held_out_phantom(tmp_path):
+    """`make demo` for real, shrunk: the featured phantom is reported at its drawn age, next to the held-out MAE."""
+    from boneage.clinical import format_age
+
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k not in set(makefile_user_vars()) and "MAKE" not in k}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", BONEAGE_CACHE_DIR=str(tmp_path / "cache"))
+    demo = tmp_path / "demo"
+    proc = subprocess.run(
+        ["make", "--no-print-directory", "demo", f"PYTHON={sys.executable}", f"BONEAGE={bin_dir / 'boneage'}",
+         f"DEMO_DIR={demo}", "DEMO_N=40", "DEMO_TRAIN_EXTRA=train.epochs=1 preprocess.size=64 "
+         "data.val_fraction=0.25 train.num_threads=2"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "Epoch (train)" not in out + proc.stderr and "requires_grad" not in proc.stderr  # one line per epoch
+    assert len([ln for ln in out.splitlines() if ln.startswith("epoch 1/1 ")]) == 1
+    summary = json.loads((demo / "summary.json").read_text())
+    labels = (demo / "holdout" / "labels.csv").read_text().splitlines()
+    row = dict(zip(labels[0].split(","), next(ln for ln in labels if ln.startswith("100000,")).split(",")))
+    assert summary["featured"]["drawn_months"] == float(row["boneage"])
+    report = json.loads((demo / "reports" / "100000.json").read_text())
+    assert report["chronological_age_months"] == float(row["boneage"])  # no made-up chronological age
+    assert report["sex"] == ("M" if row["male"] == "True" else "F")
+    (featured,) = [ln for ln in out.splitlines() if ln.startswith("featured: ")]
+    assert f"drawn at {format_age(float(row['boneage']))}" in featured
+    assert f"estimate {format_age(report['bone_age_months'])}" in featured
+    assert f"held-out phantom MAE is {summary['heldout_mae_months']:.1f} months over 10 phantoms" in featured
+    assert summary["settings"]["DEMO_N"] == 40 and summary["n_heldout"] == 10
 
 
 def test_local_targets_commands(fake):
     def dry(*args: str) -> list[list[str]]:
-        out = fake.make("-n", *args).stdout.replace("\\\n", " ")
-        return [shlex.split(line) for line in out.splitlines() if line.strip()]
+        return _dry(fake, *args)
 
-    assert dry("test") == [["python", "-m", "pytest", "-q"]]
-    assert dry("lint") == [["python", "-m", "flake8", "src", "tests"], ["python", "-m", "mypy", "src"]]
+    # test and lint first install the [dev] tools, pinned, into the environment PYTHON belongs to (once: a stamp)
+    py = "/opt/py/bin/python"
+    assert dry("test", f"PYTHON={py}") == [
+        [py, "-m", "pip", "install", "-c", "requirements-dev.txt", "-e", ".[dev]"],
+        ["mkdir", "-p", ".make", "&&", "touch", ".make/setup-dev_opt_py_bin_python.stamp"],
+        [py, "-m", "pytest", "-q"],
+    ]
+    assert dry("lint", f"PYTHON={py}")[-2:] == [[py, "-m", "flake8", "src", "tests"], [py, "-m", "mypy", "src"]]
+    assert dry("test", f"PYTHON={py}", "CONSTRAINTS=")[0] == [py, "-m", "pip", "install", "-e", ".[dev]"]
     assert dry("bench") == [["python", "-m", "benchmarks.run"]]
     assert dry("bench-quick") == [["python", "-m", "benchmarks.run", "--quick"]]
     assert dry("bench-serve") == [["python", "-m", "benchmarks.serve_load"]]
@@ -816,17 +876,25 @@ def test_local_targets_commands(fake):
     assert nb[0][-1] == "notebooks/demo.ipynb"
     assert nb[0][nb[0].index("--output-dir") + 1] == "runs/notebook"
     assert nb[0][nb[0].index("--output") + 1] == "demo"
-    assert dry("setup-local")[-1] == ["python", "-m", "pip", "install", "-e", ".[all]"]
+    # setup-local: torch first, on its own, then everything else at the pinned versions
+    assert dry("setup-local")[-2:] == [
+        ["python", "-m", "pip", "install", "torch==2.14.1", "torchvision==0.29.1"],
+        ["python", "-m", "pip", "install", "-c", "requirements-dev.txt", "-e", ".[all]"],
+    ]
+    cpu = "--index-url https://download.pytorch.org/whl/cpu"
+    assert dry("setup-local", f"TORCH_PIP_OPTIONS={cpu}")[-2][:6] == \
+        ["python", "-m", "pip", "install", "--index-url", "https://download.pytorch.org/whl/cpu"]
     assert dry("tensorboard-local", "RESULTS_DIR=/r") == [["tensorboard", "--logdir=/r", "--port=6006"]]
     assert dry("jupyter-local")[0][:3] == ["python", "-m", "jupyterlab"]
-    assert dry("test", "PYTHON=/opt/py/bin/python") == [["/opt/py/bin/python", "-m", "pytest", "-q"]]
+    lock = fake.make("-n", "lock-dev").stdout
+    assert "python -m pip freeze --exclude-editable" in lock and "requirements-dev.txt" in lock
     # No local target calls the platform.
     assert fake.calls() == []
 
 
 def test_clean_local_keeps_results_and_data(fake, tmp_path):
     out = fake.make("-n", "clean-local").stdout
-    assert "rm -rf runs/demo runs/notebook" in out
+    assert "rm -rf runs/demo runs/notebook" in out and " .make" in out
     assert "results" not in out and " data" not in out
 
 
@@ -935,9 +1003,13 @@ def test_job_and_local_commands_parse_with_the_boneage_cli(fake):
     assert ns.resume is True and ns.engine == "ddp" and ns.ddp_workers == 8
 
     out = fake.make("-n", "train-local", "demo").stdout.replace("\\\n", " ")
+    parsed = 0
     for line in out.splitlines():
+        line = line[line.index("boneage predict"):] if " boneage predict " in line else line
         if line.strip().startswith("boneage ") and "$((" not in line:
-            _parse_boneage(shlex.split(line))
+            _parse_boneage([a.replace("$2", "F").replace("$1", "108.0") for a in shlex.split(line)])
+            parsed += 1
+    assert parsed == 5  # train-local; demo's synth, train, evaluate, predict
 
 
 def test_flow_train_commands_parse_with_the_boneage_cli():

@@ -1,8 +1,9 @@
 """Learning on real radiographs: the shared RSNA sample (skipped when ../shared/data/rsna-bone-age is absent).
 
-A short CPU training of the cpu-small recipe at reduced resolution must beat the predict-the-training-mean
-baseline by at least 35 % on a held-out, stratified validation split; evaluating the saved checkpoint
-through the inference path must reproduce the trainer's validation MAE.
+A short CPU training of the cpu-small recipe (ImageNet EfficientNet-Lite0) at reduced resolution and for
+few epochs must reach a fraction of the predict-the-training-mean baseline on a held-out, stratified
+validation split (``MAX_FRACTION``; measured: 12.38 months = 0.37 x the 33.12 baseline on 2 cores);
+evaluating the saved checkpoint through the inference path must reproduce the trainer's validation MAE.
 """
 
 import json
@@ -19,12 +20,14 @@ from boneage.training.runner import split_indices, train
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
 
+SHORT = ["preprocess.size=96", "train.epochs=3", "train.max_minutes=null"]  # about 3 minutes on 2 cores
+MAX_FRACTION = 0.45  # of the baseline MAE (the previous from-scratch recipe was held to 0.65)
+
 
 def test_short_cpu_training_learns_bone_age(rsna_dir, tmp_path, capsys):
     images, labels = rsna_dir / "images", rsna_dir / "labels.csv"
     cfg = load_config("cpu-small", [
-        f"data.images={images}", f"data.labels={labels}", f"data.cache_dir={tmp_path / 'cache'}",
-        "preprocess.size=96", "train.epochs=7", "train.max_minutes=null"])
+        f"data.images={images}", f"data.labels={labels}", f"data.cache_dir={tmp_path / 'cache'}", *SHORT])
     run = tmp_path / "run"
     metrics = train(cfg, run)
 
@@ -32,7 +35,7 @@ def test_short_cpu_training_learns_bone_age(rsna_dir, tmp_path, capsys):
     print(f"real-data learning test: validation MAE {best:.2f} months vs baseline {baseline:.2f} "
           f"({metrics['target']['n_valid']} held-out images, {metrics['elapsed_s'] / 60:.1f} min)")
     assert metrics["target"]["n_valid"] > 900 and 28 < baseline < 38
-    assert best <= 0.65 * baseline
+    assert best <= MAX_FRACTION * baseline
 
     # the same number through `boneage evaluate` on the held-out rows (inference path, no Catalyst)
     cache = open_cache(next((tmp_path / "cache").iterdir()))

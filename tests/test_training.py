@@ -1,7 +1,9 @@
-"""Training with Catalyst on phantoms: artifacts, atomic checkpoints, resume, CLI errors."""
+"""Training with Catalyst on phantoms: artifacts, atomic checkpoints, resume, time budget, console output, CLI
+errors."""
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,11 @@ from boneage.cli import main
 from boneage.config import load_config
 from boneage.data.synth import make_synth_dataset
 from boneage.errors import CheckpointError, ConfigError
-from boneage.training.callbacks import CheckpointCallback
+from boneage.training.callbacks import CheckpointCallback, TimeBudgetCallback
 from boneage.training.runner import train
 
+# The compact from-scratch CNN at width 0.5: these tests are about the training machinery, not a recipe.
+CONFIG = "bonenet-s"
 TINY = ["preprocess.size=64", "model.width=0.5", "train.batch_size=8", "data.val_fraction=0.25",
         "augment.level=light", "train.num_threads=2"]
 
@@ -26,9 +30,9 @@ def phantoms(tmp_path_factory) -> Path:
 
 
 def _cfg(phantoms: Path, tmp_path: Path, *extra: str):
-    return load_config("cpu-small", [*TINY, f"data.images={phantoms / 'images'}",
-                                     f"data.labels={phantoms / 'labels.csv'}", f"data.cache_dir={tmp_path / 'cache'}",
-                                     *extra])
+    return load_config(CONFIG, [*TINY, f"data.images={phantoms / 'images'}",
+                                f"data.labels={phantoms / 'labels.csv'}", f"data.cache_dir={tmp_path / 'cache'}",
+                                *extra])
 
 
 def test_train_writes_the_run_folder(phantoms, tmp_path):
@@ -132,7 +136,7 @@ def test_cli_train_then_evaluate(phantoms, tmp_path, capsys):
     run, ev = tmp_path / "run", tmp_path / "eval"
     common = ["--images", str(phantoms / "images"), "--labels", str(phantoms / "labels.csv"),
               "--cache-dir", str(tmp_path / "cache")]
-    assert main(["train", "--config", "cpu-small", *common, "--out", str(run), *TINY, "train.epochs=1"]) == 0
+    assert main(["train", "--config", CONFIG, *common, "--out", str(run), *TINY, "train.epochs=1"]) == 0
     assert "best validation mae_months" in capsys.readouterr().out
     assert main(["evaluate", "--checkpoint", str(run / "best.pt"), *common, "--out", str(ev)]) == 0
     report = json.loads((ev / "metrics.json").read_text())
@@ -152,3 +156,77 @@ def test_time_budget_cuts_the_epoch_then_validates(phantoms, tmp_path):
     assert metrics["history"][0]["train"]["n"] == 8  # one batch of 8 trained
     assert metrics["best"]["n"] == metrics["target"]["n_valid"]  # still validated on the whole split
     assert (run / "best.pt").is_file()
+
+
+def test_time_budget_spent_on_the_last_training_batch_still_validates(phantoms, tmp_path):
+    """The budget runs out on the only training batch of the epoch. Catalyst's stop flag used to survive into the
+    validation loader, which then ran no batch and crashed in torch.cat (issue 10); now validation runs."""
+    run = tmp_path / "last-batch"
+    cfg = _cfg(phantoms, tmp_path, "train.batch_size=64", "train.epochs=50", "train.max_minutes=0.00001")
+    metrics = train(cfg, run, workers=1)
+    assert metrics["epochs_done"] == 1 and len(metrics["history"]) == 1
+    assert metrics["history"][0]["train"]["n"] == metrics["target"]["n_train"]  # one batch: the whole split
+    assert metrics["best"]["n"] == metrics["target"]["n_valid"] and metrics["validation_ran"] is True
+    assert (run / "best.pt").is_file()
+
+
+def test_a_budget_of_a_few_seconds_ends_validated(phantoms, tmp_path):
+    """train.max_minutes=0.02 (1.2 s) on several batches per epoch: wherever the budget runs out (mid-epoch or on the
+    epoch's last batch, depending on the machine's speed), the run stops early and is validated on the whole split."""
+    run = tmp_path / "seconds"
+    metrics = train(_cfg(phantoms, tmp_path, "train.epochs=200", "train.max_minutes=0.02"), run, workers=1)
+    assert 1 <= metrics["epochs_done"] < 200 and metrics["validation_ran"] is True
+    assert all(h["valid"]["n"] == metrics["target"]["n_valid"] for h in metrics["history"])
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file()
+
+
+def test_stop_before_any_validation_batch_is_a_clear_error(phantoms, tmp_path, monkeypatch, capsys):
+    """A stop that reaches the validation loader before its first batch (simulated: the budget's stop flag left to
+    leak into validation, as it used to) does not crash: one line on stderr, exit 2, last.pt and metrics.json kept,
+    no best.pt; the run then resumes and validates."""
+    monkeypatch.setattr(TimeBudgetCallback, "on_loader_end", lambda self, runner: None)
+    run = tmp_path / "unvalidated"
+    argv = ["train", "--config", CONFIG, "--images", str(phantoms / "images"), "--labels", str(phantoms / "labels.csv"),
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(run), *TINY, "train.batch_size=64", "train.epochs=2",
+            "train.max_minutes=0.00001"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.strip().splitlines() if not ln.startswith("prepare:")]  # the cache's progress
+    assert len(err) == 1, err
+    assert err[0].startswith("boneage train: error: no validation ran (time budget of 1e-05 min reached before the "
+                             "first validation batch)")
+    assert "last.pt" in err[0] and "Traceback" not in captured.err
+    assert "no validation ran" in captured.out  # the epoch line says it too
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["validation_ran"] is False and saved["best"] == {} and "time budget" in saved["no_validation"]
+    assert saved["history"][0]["valid"] is None and saved["epochs_done"] == 1
+    assert (run / "last.pt").is_file() and not (run / "best.pt").exists()
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1
+
+    monkeypatch.undo()  # the same run resumed without a budget validates and writes best.pt
+    assert main([*argv[:-1], "train.max_minutes=0", "--resume"]) == 0
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["validation_ran"] is True and saved["epochs_done"] == 2 and (run / "best.pt").is_file()
+
+
+def test_console_output_is_one_line_per_epoch(phantoms, tmp_path, capfd):
+    """No progress bars when stderr is not a terminal, no Catalyst per-loader lines, no requires_grad warning."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_cfg(phantoms, tmp_path, "train.epochs=2"), tmp_path / "quiet", workers=1)
+    out, err = capfd.readouterr()
+    epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
+    assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"], out
+    assert all("train loss" in line and "valid MAE" in line and "elapsed" in line for line in epoch_lines)
+    assert "Epoch (train)" not in out + err and "bias_months:" not in out  # tqdm bars, ConsoleLogger lines
+    assert not [w for w in caught if "requires_grad" in str(w.message)], [str(w.message) for w in caught]
+    assert "requires_grad" not in err
+
+
+def test_a_split_without_validation_images_is_a_clear_error(tmp_path):
+    data = make_synth_dataset(tmp_path / "few", 6, seed=4)  # strata of 1-2 rows: nothing left to validate on
+    cfg = load_config(CONFIG, [*TINY, f"data.images={data / 'images'}", f"data.labels={data / 'labels.csv'}",
+                               f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.01"])
+    with pytest.raises(ConfigError, match=r"0 validation images.*data.val_fraction"):
+        train(cfg, tmp_path / "run", workers=1)

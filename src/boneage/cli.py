@@ -13,14 +13,50 @@ from boneage import __version__
 from boneage.errors import BoneAgeError
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the examples' line breaks (RawDescription) and appends each option's default to its help, like
+    ArgumentDefaultsHelpFormatter, but not for flags (their help says it) nor for defaults that say nothing (None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or action.nargs == 0 or default in (None, [], "") or default is argparse.SUPPRESS
+                or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
+            return text
+        return text + " (default: %(default)s)"
+
+
+EXAMPLES = """examples:
+  boneage synth --out runs/phantoms --n 320                       # demo data: synthetic phantoms
+  boneage train --config cpu-small --images data/images --labels data/labels.csv --out runs/cpu-small
+  boneage predict hand.png --checkpoint runs/cpu-small/best.pt --sex F --chronological-age 9y3m --out reports
+
+Run `boneage COMMAND --help` for the options of one command. Research use only: not a certified medical device."""
+
+TRAIN_EXAMPLES = """examples:
+  boneage train --config cpu-small --images data/images --labels data/labels.csv --out runs/cpu-small
+  boneage train --config cpu-small ... --out runs/cpu-small train.epochs=20 train.max_minutes=30
+  boneage train --config cpu-small ... --out runs/cpu-small --resume        # continue after a kill
+  boneage train --config resnet50 ... --engine ddp --ddp-workers 4          # 4 GPUs
+
+Overrides are section.key=value for any key of the config YAML (src/boneage/configs/*.yaml), e.g.
+train.epochs, train.batch_size, train.lr, train.max_minutes (wall-clock budget), preprocess.size, model.name."""
+
+PREDICT_EXAMPLES = """examples:
+  boneage predict hand.png --checkpoint runs/cpu-small/best.pt --sex F --chronological-age 9y3m --out reports
+  boneage predict scans/ 'more/*.dcm' --checkpoint a.pt --checkpoint b.pt --out reports   # ensemble
+  boneage predict hand.png --checkpoint runs/cpu-small/best.onnx --runtime onnx"""
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--images", required=required, help="folder of <id>.png/.jpg radiographs")
-    p.add_argument("--labels", required=required,
+    p.add_argument("--images", required=required, metavar="DIR", help="folder of <id>.png/.jpg radiographs")
+    p.add_argument("--labels", required=required, metavar="CSV",
                    help="labels CSV: training layout id,boneage,male or the official RSNA test layout")
-    p.add_argument("--cache-dir",
-                   help="where preprocessed caches live (default $BONEAGE_CACHE_DIR or ~/.cache/boneage)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where preprocessed caches live (default: $BONEAGE_CACHE_DIR or ~/.cache/boneage)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows/images with a warning instead of failing")
-    p.add_argument("--workers", type=int, default=None, help="processes for preprocessing (default: all cores)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes for preprocessing (default: all cores)")
 
 
 def _config(args: argparse.Namespace):
@@ -113,73 +149,96 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="boneage", description="Pediatric bone age assessment toolkit")
-    parser.add_argument("--version", action="version", version=f"boneage {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = argparse.ArgumentParser(
+        prog="boneage", formatter_class=HelpFormatter, epilog=EXAMPLES,
+        description="Pediatric bone age assessment: estimate skeletal age in months from a left-hand radiograph,\n"
+                    "train and evaluate models, write reports, serve a web app.")
+    parser.add_argument("--version", action="version", version=f"boneage {__version__}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="one of the commands below; `boneage COMMAND --help` lists its options")
 
-    p = sub.add_parser("synth", help="draw synthetic phantom radiographs (demo data, no real patients)")
-    p.add_argument("--out", required=True, help="output folder: OUT/images/<id>.png + OUT/labels.csv")
+    def command(name: str, summary: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=summary[:1].upper() + summary[1:] + ".",
+                              epilog=epilog, formatter_class=HelpFormatter)
+
+    p = command("synth", "draw synthetic phantom radiographs (demo data, no real patients)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: OUT/images/<id>.png + OUT/labels.csv")
     p.add_argument("--n", type=int, default=300, help="number of phantoms")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed; phantom i depends only on (seed, i)")
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("prepare", help="decode and preprocess every radiograph once into the cache")
+    p = command("prepare", "decode and preprocess every radiograph once into the cache")
     _add_data_args(p, required=True)
     p.add_argument("--config", default="cpu-small", help="config name or YAML path (its preprocess section)")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. preprocess.size=256")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="section.key=value overrides, e.g. preprocess.size=256")
     p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("train", help="train a model with Catalyst")
+    p = command("train", "train a model with Catalyst (one line per epoch; progress bars on a terminal)",
+                TRAIN_EXAMPLES)
     p.add_argument("--config", required=True, help="shipped config name (cpu-small, paper-m46, resnet50, "
                    "inceptionv3) or a YAML path")
     _add_data_args(p, required=False)
-    p.add_argument("--out", required=True, help="run folder: best.pt, last.pt, config.yaml, metrics.json, logs")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="run folder: best.pt, last.pt, config.yaml, metrics.json, logs")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists (else start)")
-    p.add_argument("--engine", choices=["auto", "cpu", "gpu", "ddp"], help="override train.engine")
-    p.add_argument("--ddp-workers", type=int, help="processes (GPUs) for --engine ddp")
-    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.epochs=5")
+    p.add_argument("--engine", choices=["auto", "cpu", "gpu", "ddp"],
+                   help="override train.engine (default: the config's, auto = GPU if visible)")
+    p.add_argument("--ddp-workers", type=int, metavar="N",
+                   help="processes (GPUs) for --engine ddp (default: the config's train.ddp_workers)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="section.key=value overrides, e.g. train.epochs=5 train.max_minutes=10")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="metrics, per-image predictions and plots on a labelled set")
-    p.add_argument("--checkpoint", required=True, action="append", help="checkpoint .pt (repeat for an ensemble)")
+    p = command("evaluate", "metrics, per-image predictions and plots on a labelled set")
+    p.add_argument("--checkpoint", required=True, action="append", metavar="PT",
+                   help="checkpoint .pt (repeat for an ensemble)")
     _add_data_args(p, required=True)
-    p.add_argument("--out", required=True, help="output folder: metrics.json, predictions.csv, plots")
-    p.add_argument("--tta", action="store_true", help="test-time augmentation")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: metrics.json, predictions.csv, plots")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation (small rotations and shifts)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="bone-age reports for PNG/JPEG/DICOM files, folders or globs")
-    p.add_argument("paths", nargs="+", metavar="PATH")
-    p.add_argument("--checkpoint", required=True, action="append", help="checkpoint .pt (repeat for an ensemble)")
+    p = command("predict", "bone-age reports for PNG/JPEG/DICOM files, folders or globs", PREDICT_EXAMPLES)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders and globs (PNG, JPEG, DICOM)")
+    p.add_argument("--checkpoint", required=True, action="append", metavar="PT",
+                   help="checkpoint .pt, or .onnx with --runtime onnx (repeat for an ensemble)")
     p.add_argument("--sex", help="F or M (default: DICOM PatientSex; else both sexes averaged)")
-    p.add_argument("--chronological-age", help="e.g. 9y3m or 111 (months); default: from DICOM header")
-    p.add_argument("--out", help="folder for JSON/HTML/heatmap/CSV reports")
-    p.add_argument("--tta", dest="tta", action="store_true", default=True, help="test-time augmentation (default)")
-    p.add_argument("--no-tta", dest="tta", action="store_false")
-    p.add_argument("--heatmap", dest="heatmap", action="store_true", default=True, help="Grad-CAM heatmap (default)")
-    p.add_argument("--no-heatmap", dest="heatmap", action="store_false")
+    p.add_argument("--chronological-age", metavar="AGE",
+                   help="e.g. 9y3m, 9y or 111 (months), for the z-score and category (default: from the DICOM "
+                        "header; else bone age only)")
+    p.add_argument("--out", metavar="DIR",
+                   help="folder for JSON/HTML/heatmap/CSV reports (default: console table only)")
+    p.add_argument("--tta", dest="tta", action="store_true", default=True,
+                   help="test-time augmentation (default: on)")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="switch test-time augmentation off")
+    p.add_argument("--heatmap", dest="heatmap", action="store_true", default=True,
+                   help="Grad-CAM heatmap in the reports (default: on)")
+    p.add_argument("--no-heatmap", dest="heatmap", action="store_false", help="no Grad-CAM heatmap (faster)")
     p.add_argument("--right-hand", action="store_true", help="images show a right hand: mirror them")
     p.add_argument("--keep-identifiers", action="store_true", help="copy DICOM patient identifiers into reports")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="torch, or an ONNX file via "
                    "ONNX Runtime (give the .onnx as --checkpoint)")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", choices=["onnx"], default="onnx")
-    p.add_argument("--out", help="output .onnx (default: next to the checkpoint)")
+    p = command("export", "export a checkpoint to ONNX")
+    p.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint .pt to export")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    p.add_argument("--out", metavar="FILE", help="output .onnx (default: next to the checkpoint)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, torch.export-based exporter)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("serve", help="web page and REST API")
-    p.add_argument("--checkpoint", required=True, action="append", help="checkpoint .pt (repeat for an ensemble)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=50.0)
-    p.add_argument("--workers", type=int, default=2, help="inference threads")
+    p = command("serve", "web page and REST API (no authentication: loopback only unless --host)")
+    p.add_argument("--checkpoint", required=True, action="append", metavar="PT",
+                   help="checkpoint .pt (repeat for an ensemble)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; 127.0.0.1 = this machine only")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (0: pick a free one and print it)")
+    p.add_argument("--max-upload-mb", type=float, default=50.0, metavar="MB", help="largest accepted upload")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="inference threads")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("download", help="fetch the RSNA data from Kaggle (needs an API token)")
-    p.add_argument("--out", default="data/rsna-bone-age")
+    p = command("download", "fetch the RSNA data from Kaggle (needs an API token)")
+    p.add_argument("--out", default="data/rsna-bone-age", metavar="DIR", help="where to put images/ and labels.csv")
     p.set_defaults(func=cmd_download)
     return parser
 

@@ -74,6 +74,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
+    backbone_lr_mult: float = 1.0  # the encoder's LR = lr * this (< 1: fine-tune pretrained weights gently)
+    warmup_pct: float = 0.2  # one-cycle: fraction of the steps spent warming the LR up
+    ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the weights
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # adam | adamw | sgd
     scheduler: str = "onecycle"  # onecycle | cosine | plateau | none

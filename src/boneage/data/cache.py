@@ -108,7 +108,8 @@ def prepare_cache(
         jobs = [(str(p), cfg) for p in df["path"]]
         ok = np.zeros(n, dtype=bool)
         problems: list[str] = []
-        bar = tqdm(total=n, desc="prepare", unit="img", disable=not progress)
+        # disable=None: tqdm draws the bar only on a terminal, so logs and CI get no carriage-return noise
+        bar = tqdm(total=n, desc="prepare", unit="img", disable=None if progress else True)
         if workers > 1 and n > 64:
             with get_context("spawn").Pool(workers) as pool:
                 results = pool.imap(_work, jobs, chunksize=16)

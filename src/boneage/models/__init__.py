@@ -4,7 +4,7 @@ Every model has a ``cam_layer`` (the last spatial feature map, for Grad-CAM) and
 ``list_models()`` names them; ``timm:<name>`` builds any timm backbone.
 """
 
-from boneage.models import m46, small, torchvision_models  # noqa: F401  (register the models)
+from boneage.models import efficientnet_lite, m46, small, torchvision_models  # noqa: F401  (register the models)
 from boneage.models.heads import BoneAgeNet, SexFusionHead
 from boneage.models.registry import create_model, list_models, register_model
 

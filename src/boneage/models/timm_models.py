@@ -11,7 +11,8 @@ from typing import Any
 
 from boneage.errors import ConfigError
 from boneage.models.heads import BACKBONE_HIDDEN, BoneAgeNet
-from boneage.models.registry import download_error, load_backbone_state, read_state_dict, require_unit_width
+from boneage.models.registry import require_unit_width
+from boneage.models.weights import download_error, load_backbone_state, read_state_dict
 
 
 def _as_tuple(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:

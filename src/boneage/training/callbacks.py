@@ -1,11 +1,14 @@
-"""Catalyst callbacks that carry the training behaviour: metrics in months, checkpoints, resume, time budget."""
+"""Catalyst callbacks that carry the training behaviour: metrics in months, checkpoints, resume, time budget,
+and the console output (one line per epoch)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,8 @@ class MonthsMetricCallback(dl.Callback):
         self._rows.append(runner.batch["row"].detach().cpu())
 
     def on_loader_end(self, runner: dl.IRunner) -> None:
+        if not self._pred:  # stopped before its first batch: no metrics (CheckpointCallback says so)
+            return
         ranks = _gather(runner, torch.tensor([runner.engine.process_index]))
         pred = _gather(runner, torch.cat(self._pred)).numpy()
         true = _gather(runner, torch.cat(self._true)).numpy()
@@ -66,6 +71,10 @@ class TimeBudgetCallback(dl.Callback):
 
     On one process the check runs after every training batch: the epoch is cut short, validated and
     checkpointed, then training stops. Under DDP it runs at epoch end, where all ranks agree.
+
+    Catalyst's ``need_early_stop`` ends the loader at its *next* batch. When the budget runs out on the
+    training loader's last batch there is no next batch, so the flag would survive into the validation loader
+    and stop it before its first batch; ``on_loader_end`` clears it so that validation still runs.
     """
 
     def __init__(self, max_minutes: float) -> None:
@@ -82,6 +91,10 @@ class TimeBudgetCallback(dl.Callback):
             if time.monotonic() - self.start >= self.max_seconds:
                 self.exhausted = True
                 runner.need_early_stop = True  # Catalyst ends this loader; validation still runs
+
+    def on_loader_end(self, runner: dl.IRunner) -> None:
+        if runner.is_train_loader and self.exhausted:
+            runner.need_early_stop = False  # set by us for the training loader only; on_epoch_end stops the run
 
     def on_epoch_end(self, runner: dl.IRunner) -> None:
         elapsed = _gather(runner, torch.tensor([time.monotonic() - self.start])).max().item()
@@ -120,7 +133,10 @@ class CheckpointCallback(dl.Callback):
         if self.resume_from is None:
             return
         state = load_checkpoint(self.resume_from)
-        runner.engine.unwrap_model(runner.model).load_state_dict(state["model"])
+        # with EMA, "model" holds the averaged weights (what was validated) and "train_model" the trained ones
+        runner.engine.unwrap_model(runner.model).load_state_dict(state.get("train_model", state["model"]))
+        if getattr(runner, "ema", None) is not None and "train_model" in state:
+            runner.ema.load_state_dict(state["model"], int(state.get("ema_updates", 0)))
         runner.optimizer.load_state_dict(state["optimizer"])
         if runner.scheduler is not None and state.get("scheduler") is not None:
             runner.scheduler.load_state_dict(state["scheduler"])
@@ -137,28 +153,123 @@ class CheckpointCallback(dl.Callback):
             return True
         return score < self.best if self.minimize else score > self.best
 
+    def on_loader_end(self, runner: dl.IRunner) -> None:
+        if runner.loader_batch_step == 0:  # stopped before its first batch: log nothing (Catalyst's loss is NaN)
+            runner.loader_metrics.clear()
+
     def on_epoch_end(self, runner: dl.IRunner) -> None:
-        valid = dict(runner.epoch_metrics["valid"])
-        train = dict(runner.epoch_metrics["train"])
-        score = valid[self.monitor]
-        improved = self._is_better(score)
+        valid = dict(runner.epoch_metrics.get("valid") or {})
+        train = dict(runner.epoch_metrics.get("train") or {})
+        validated = self.monitor in valid  # an empty (stopped) validation loader yields no metrics
+        improved = validated and self._is_better(valid[self.monitor])
         if improved:
-            self.best, self.best_metrics = score, {**valid, "epoch": runner.epoch_step}
+            self.best, self.best_metrics = valid[self.monitor], {**valid, "epoch": runner.epoch_step}
         elapsed = self.elapsed_before + time.monotonic() - self.start
         self.history.append({"epoch": runner.epoch_step, "elapsed_s": round(elapsed, 1),
-                             "train": train, "valid": valid})
+                             "train": train, "valid": valid if validated else None})
         if not runner.engine.is_main_process:
             return
-        model_state = {k: v.detach().cpu() for k, v in runner.engine.unwrap_model(runner.model).state_dict().items()}
+        summary: dict[str, Any] = {"best": self.best_metrics, "monitor": self.monitor,
+                                   "epochs_done": runner.epoch_step, "elapsed_s": round(elapsed, 1),
+                                   "target": self.base_state["target"], "world_size": runner.engine.num_processes,
+                                   "validation_ran": bool(self.best_metrics), "history": self.history}
+        if not self.best_metrics:
+            summary["no_validation"] = no_validation_reason(runner)
+        trained = {k: v.detach().cpu() for k, v in runner.engine.unwrap_model(runner.model).state_dict().items()}
+        ema = getattr(runner, "ema", None)
+        model_state = ema.state_dict() if ema is not None else trained  # the weights that were validated
         state = {**self.base_state, "model": model_state, "epoch": runner.epoch_step,
                  "metrics": self.best_metrics, "best_score": self.best, "history": self.history,
                  "elapsed_s": elapsed}
         if improved:
             save_checkpoint(state, self.run_dir / "best.pt")
-        save_checkpoint({**state, "optimizer": runner.optimizer.state_dict(),
+        extra = {"train_model": trained, "ema_updates": ema.updates} if ema is not None else {}
+        save_checkpoint({**state, **extra, "optimizer": runner.optimizer.state_dict(),
                          "scheduler": runner.scheduler.state_dict() if runner.scheduler is not None else None},
                         self.run_dir / "last.pt")
-        write_json_atomic({"best": self.best_metrics, "monitor": self.monitor, "epochs_done": runner.epoch_step,
-                           "elapsed_s": round(elapsed, 1), "target": self.base_state["target"],
-                           "world_size": runner.engine.num_processes, "history": self.history},
-                          self.run_dir / "metrics.json")
+        write_json_atomic(summary, self.run_dir / "metrics.json")
+
+
+def no_validation_reason(runner: dl.IRunner) -> str:
+    """Why the validation loader of this epoch ended before its first batch, in words."""
+    budget = next((cb for cb in runner.callbacks.values() if isinstance(cb, TimeBudgetCallback)), None)
+    if budget is not None and budget.exhausted:
+        return (f"no validation ran (time budget of {budget.max_seconds / 60:g} min reached before the first "
+                "validation batch)")
+    return "no validation ran (training was stopped before the first validation batch)"
+
+
+def ignore_catalyst_scalar_warning() -> None:
+    """Catalyst 22.4's FunctionalBatchMetric.update() (behind dl.CriterionCallback) logs ``float(loss)`` of the loss
+    tensor, which still requires grad because BackwardCallback back-propagates that very tensor, so torch warns
+    "Converting a tensor with requires_grad=True to a scalar may lead to unexpected behavior" in every run.
+    Harmless: the float only feeds the logged running mean. Ignored for that Catalyst module alone, and re-applied
+    at the start of every run (EpochLineCallback) because pytest and notebooks reset the warning filters.
+    """
+    warnings.filterwarnings("ignore", message="Converting a tensor with requires_grad=True to a scalar",
+                            category=UserWarning, module=r"catalyst\.metrics\._functional_metric")
+
+
+class EpochLineCallback(dl.Callback):
+    """Console output of a run: one concise line per epoch (rank 0 only).
+
+    Catalyst's tqdm bars (one per loader) are added only when stderr is an interactive terminal (``bars=None``)
+    or when asked (``bars=True``); in logs, CI and ``make demo`` output each epoch is a single line::
+
+        epoch 3/8  train loss 0.412  valid MAE 21.3 months (best 19.8 @ 2)  elapsed 41 s
+    """
+
+    def __init__(self, bars: bool | None = None) -> None:
+        super().__init__(order=dl.CallbackOrder.external + 2)  # after CheckpointCallback: the best is known
+        self.bars = sys.stderr.isatty() if bars is None else bars
+        self._tqdm: dl.TqdmCallback | None = dl.TqdmCallback() if self.bars else None
+        self.start = time.monotonic()
+
+    def on_experiment_start(self, runner: dl.IRunner) -> None:
+        ignore_catalyst_scalar_warning()
+        self.start = time.monotonic()
+
+    def on_loader_start(self, runner: dl.IRunner) -> None:
+        if self._tqdm is not None:
+            self._tqdm.on_loader_start(runner)
+
+    def on_batch_end(self, runner: dl.IRunner) -> None:
+        if self._tqdm is not None:
+            self._tqdm.on_batch_end(runner)
+
+    def on_loader_end(self, runner: dl.IRunner) -> None:
+        if self._tqdm is not None:
+            self._tqdm.on_loader_end(runner)
+
+    def on_exception(self, runner: dl.IRunner) -> None:
+        if self._tqdm is not None:
+            self._tqdm.on_exception(runner)
+
+    def on_epoch_end(self, runner: dl.IRunner) -> None:
+        if not runner.engine.is_main_process:
+            return
+        print(format_epoch_line(runner, time.monotonic() - self.start), flush=True)
+
+
+def format_epoch_line(runner: dl.IRunner, elapsed_s: float) -> str:
+    train = runner.epoch_metrics.get("train") or {}
+    valid = runner.epoch_metrics.get("valid") or {}
+    parts = [f"epoch {runner.epoch_step}/{runner.num_epochs}"]
+    if "loss" in train:
+        parts.append(f"train loss {train['loss']:.3f}")
+    checkpoint = next((cb for cb in runner.callbacks.values() if isinstance(cb, CheckpointCallback)), None)
+    best = checkpoint.best_metrics if checkpoint is not None else {}
+    if "mae_months" in valid:
+        text = f"valid MAE {valid['mae_months']:.1f} months"
+        if best.get("mae_months") is not None:
+            text += f" (best {best['mae_months']:.1f} @ {best['epoch']})"
+        parts.append(text)
+    elif "accuracy" in valid:
+        text = f"valid accuracy {valid['accuracy']:.3f}"
+        if best.get("accuracy") is not None:
+            text += f" (best {best['accuracy']:.3f} @ {best['epoch']})"
+        parts.append(text)
+    else:
+        parts.append(no_validation_reason(runner))
+    parts.append(f"elapsed {elapsed_s:.0f} s")
+    return "  ".join(parts)

@@ -29,9 +29,11 @@ from boneage.data.cache import default_cache_dir, open_cache, prepare_cache
 from boneage.data.dataset import BoneAgeDataset
 from boneage.data.rsna import read_labels
 from boneage.data.splits import kfold_split, train_val_split
-from boneage.errors import ConfigError
+from boneage.errors import BoneAgeError, ConfigError
 from boneage.models import create_model
-from boneage.training.callbacks import CheckpointCallback, MonthsMetricCallback, TimeBudgetCallback
+from boneage.training.callbacks import (CheckpointCallback, EpochLineCallback, MonthsMetricCallback,
+                                        TimeBudgetCallback)
+from boneage.training.ema import EmaCallback
 from boneage.transforms import build_transforms
 
 ENGINES = ("auto", "cpu", "gpu", "ddp")
@@ -84,8 +86,8 @@ class BoneAgeRunner(dl.IRunner):
         return build_engine(self.cfg)
 
     def get_loggers(self) -> dict[str, Any]:
+        # No dl.ConsoleLogger: EpochLineCallback prints one line per epoch; every metric goes to CSV and TensorBoard.
         loggers: dict[str, Any] = {
-            "console": dl.ConsoleLogger(),
             "csv": dl.CSVLogger(logdir=str(self.run_dir / "logs")),
             "tensorboard": dl.TensorboardLogger(logdir=str(self.run_dir / "tensorboard")),
         }
@@ -128,13 +130,13 @@ class BoneAgeRunner(dl.IRunner):
 
     def get_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
+        params = param_groups(model, t.lr, t.backbone_lr_mult)
         if t.optimizer == "adam":
-            return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
         if t.optimizer == "adamw":
-            return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
         if t.optimizer == "sgd":
-            return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, nesterov=True,
-                                   weight_decay=t.weight_decay)
+            return torch.optim.SGD(params, lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
         raise ConfigError(f"train.optimizer '{t.optimizer}' is unknown; use adam, adamw or sgd")
 
     def get_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -143,7 +145,8 @@ class BoneAgeRunner(dl.IRunner):
             return None
         if t.scheduler == "onecycle":
             return torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=t.lr, epochs=t.epochs, steps_per_epoch=len(self.loaders["train"]), pct_start=0.2)
+                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], epochs=t.epochs,
+                steps_per_epoch=len(self.loaders["train"]), pct_start=t.warmup_pct)
         if t.scheduler == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
         if t.scheduler == "plateau":
@@ -161,7 +164,7 @@ class BoneAgeRunner(dl.IRunner):
             "checkpoint": CheckpointCallback(
                 self.run_dir, {"config": self.cfg.to_dict(), "target": self.target}, monitor, minimize,
                 self.resume_from),
-            "progress": dl.TqdmCallback(),
+            "progress": EpochLineCallback(),  # one line per epoch; tqdm bars only on an interactive terminal
         }
         if self.scheduler is not None:
             mode = "batch" if t.scheduler == "onecycle" else "epoch"
@@ -173,6 +176,8 @@ class BoneAgeRunner(dl.IRunner):
                 patience=t.early_stopping_patience, loader_key="valid", metric_key=monitor, minimize=minimize)
         if t.max_minutes:
             callbacks["time_budget"] = TimeBudgetCallback(t.max_minutes)
+        if t.ema_decay > 0:
+            callbacks["ema"] = EmaCallback(t.ema_decay)
         return callbacks
 
     # --- one step ----------------------------------------------------------------------
@@ -181,7 +186,19 @@ class BoneAgeRunner(dl.IRunner):
         if self.cfg.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         male = batch["male"] if self.cfg.model.sex_input else None
-        self.batch["logits"] = self.model(image, male)
+        ema = getattr(self, "ema", None)
+        model = ema.module if (ema is not None and not self.is_train_loader) else self.model
+        self.batch["logits"] = model(image, male)
+
+
+def param_groups(model: torch.nn.Module, lr: float, backbone_lr_mult: float) -> list[dict[str, Any]]:
+    """Two optimizer groups: the encoder at ``lr * backbone_lr_mult``, the rest (head, sex input) at ``lr``."""
+    encoder = getattr(model, "encoder", None)
+    if encoder is None or backbone_lr_mult == 1.0:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+    enc_ids = {id(p) for p in encoder.parameters()}
+    return [{"params": [p for p in encoder.parameters() if p.requires_grad], "lr": lr * backbone_lr_mult},
+            {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids], "lr": lr}]
 
 
 def split_indices(cfg: Config, index: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +211,7 @@ def split_indices(cfg: Config, index: Any) -> tuple[np.ndarray, np.ndarray]:
 def _check_resumable(cfg: Config, last: Path) -> None:
     """Resuming needs the settings that shape the optimisation unchanged (one-cycle knows its length)."""
     saved = Config.from_dict(load_checkpoint(last)["config"], source=str(last))
-    keys = ("epochs", "batch_size", "lr", "optimizer", "scheduler")
+    keys = ("epochs", "batch_size", "lr", "backbone_lr_mult", "warmup_pct", "ema_decay", "optimizer", "scheduler")
     changed = [k for k in keys if getattr(saved.train, k) != getattr(cfg.train, k)]
     changed += [f"model.{k}" for k in ("name", "width", "sex_input")
                 if getattr(saved.model, k) != getattr(cfg.model, k)]
@@ -215,6 +232,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
 
     if not cfg.data.images or not cfg.data.labels:
         raise ConfigError("no data: pass --images DIR --labels CSV (or set data.images / data.labels)")
+    t = cfg.train
+    if not (0.0 <= t.ema_decay < 1.0 and t.backbone_lr_mult > 0 and 0.0 < t.warmup_pct < 1.0):
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0: off), train.backbone_lr_mult > 0 and "
+                          f"train.warmup_pct in (0, 1); got {t.ema_decay}, {t.backbone_lr_mult}, {t.warmup_pct}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.train.num_threads:
@@ -233,6 +254,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
                           workers=workers, skip_bad=cfg.data.skip_bad)
     print(f"cache: {cache.path} ({len(cache.index)} images, {'reused' if cache.reused else 'built'})", flush=True)
     train_idx, val_idx = split_indices(cfg, cache.index)
+    if len(val_idx) == 0 or len(train_idx) == 0:
+        raise ConfigError(f"{cfg.data.labels}: {len(cache.index)} usable images give {len(train_idx)} training and "
+                          f"{len(val_idx)} validation images (data.val_fraction={cfg.data.val_fraction}); "
+                          "use more images or a larger data.val_fraction")
     months = cache.index["boneage"].to_numpy(dtype=np.float64)
     mean, std = float(months[train_idx].mean()), float(months[train_idx].std() or 1.0)
     target = {"mean": mean, "std": std,
@@ -244,4 +269,9 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
     runner.run()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     metrics["wall_s_this_call"] = round(time.monotonic() - start, 1)
+    if not metrics["best"]:  # stopped before any validation batch: keep last.pt and metrics.json, say so
+        raise BoneAgeError(f"{metrics.get('no_validation', 'no validation ran')}: {run_dir / 'last.pt'} holds the "
+                           f"weights after {metrics['epochs_done']} epoch(s) and metrics.json marks the run as not "
+                           "validated; no best.pt was written. Give it more time (train.max_minutes) and rerun "
+                           "with --resume, or start again")
     return metrics
