@@ -147,7 +147,7 @@ DEMO_DIR ?= runs/demo
 # Number of synthetic phantoms `make demo` trains on (a further DEMO_N/4, drawn with another seed, are held out).
 DEMO_N ?= 320
 # Overrides `make demo` passes to `boneage train --config cpu-small`.
-DEMO_TRAIN_EXTRA ?= train.epochs=8 preprocess.size=96 data.val_fraction=0.2
+DEMO_TRAIN_EXTRA ?= train.epochs=24 preprocess.size=96 data.val_fraction=0.2
 # Id of the held-out phantom `make demo` reports on (100000 is the first; its drawn age and sex are used).
 DEMO_FEATURED ?= 100000
 # Notebook `make notebook-html` executes.

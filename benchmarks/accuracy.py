@@ -197,21 +197,32 @@ def _budget_run(key: str, config_name: str, settings: list[str], budget_s: float
     return summary
 
 
-def save_plot(runs: dict[str, Any], path: Path) -> Path:
-    """Validation MAE against minutes (epoch ends) for every config row; no pyplot."""
+RECIPE_RESULT = Path(__file__).resolve().parent / "results" / "recipe.json"
+
+
+def save_plot(runs: dict[str, Any], budget_s: float, path: Path, recipe: Path = RECIPE_RESULT) -> Path:
+    """Validation MAE against minutes (epoch ends) for every config row, and the 30-minute cpu-small run's
+    curve from ``results/recipe.json`` when it exists; no pyplot."""
+    import json
+
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
+    if recipe.is_file():
+        history = json.loads(recipe.read_text())["history"]
+        ax.plot([h["elapsed_s"] / 60 for h in history], [h["valid_mae_months"] for h in history], marker="s",
+                color="black", label=f"cpu-small, 30-min run (best {min(h['valid_mae_months'] for h in history):.1f})")
     for key in CONFIG_ROWS:
         run = runs.get(key)
         if not run or not run["val_mae_by_epoch"]:
             continue
         minutes = [float(s) / 60 for s in run["elapsed_s_by_epoch"]]
-        ax.plot(minutes, run["val_mae_by_epoch"], marker="o", label=f"{key} (best {run['mae']:.1f})")
+        ax.plot(minutes, run["val_mae_by_epoch"], marker="o", label=f"{key}, {budget_s / 60:g}-min budget "
+                f"(best {run['mae']:.1f})")
     ax.set_xlabel("training minutes (2 CPU cores)")
     ax.set_ylabel("validation MAE (months)")
-    ax.set_title("Shared RSNA sample, same split and budget")
+    ax.set_title("Shared RSNA sample, 1,014 held-out images (same split)")
     ax.grid(alpha=0.3)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,7 +256,7 @@ def run(out_dir: Path, *, quick: bool, rsna_dir: Path, work_dir: Path, threads: 
     if len(splits) != 1:
         raise RuntimeError(f"the runs did not all use the same validation split: {splits}")
     small, paper, scratch = runs["cpu-small"], runs["paper-m46"], runs["bonenet-s"]
-    plot = save_plot(runs, out_dir / "accuracy_vs_minutes.png" if quick else PLOT)
+    plot = save_plot(runs, budget_s, out_dir / "accuracy_vs_minutes.png" if quick else PLOT)
     return {
         "cpu_small_mae": small["mae"],
         "bonenet_s_mae": scratch["mae"],

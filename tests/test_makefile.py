@@ -818,7 +818,7 @@ def test_demo_commands(fake):
                     "--sex", "$2", "--chronological-age", "$1", "--out", "/tmp/d/reports"]
     # ... and the closing line (summary.json too) comes from the held-out evaluation and that report.
     assert cmds[-1][:2] == ["python", "-c"]
-    assert cmds[-1][-4:] == ["/tmp/d", "100000", "320", "train.epochs=8 preprocess.size=96 data.val_fraction=0.2"]
+    assert cmds[-1][-4:] == ["/tmp/d", "100000", "320", "train.epochs=24 preprocess.size=96 data.val_fraction=0.2"]
     featured = [c[c.index("predict") + 1] for c in _dry(fake, "demo", "DEMO_FEATURED=100007") if "predict" in c]
     assert featured == ["runs/demo/holdout/images/100007.png"]
 
