@@ -806,7 +806,7 @@ def test_demo_commands(fake):
         ["boneage", "synth", "--out", "/tmp/d/holdout", "--n", "$((", "320", "/", "4", "))", "--seed", "1"],
         ["boneage", "train", "--config", "cpu-small", "--images", "/tmp/d/phantoms/images",
          "--labels", "/tmp/d/phantoms/labels.csv", "--out", "/tmp/d/run",
-         "train.epochs=8", "preprocess.size=96", "data.val_fraction=0.2"],
+         "train.epochs=24", "preprocess.size=96", "data.val_fraction=0.2"],
         ["boneage", "evaluate", "--checkpoint", "/tmp/d/run/best.pt", "--images", "/tmp/d/holdout/images",
          "--labels", "/tmp/d/holdout/labels.csv", "--out", "/tmp/d/eval"],
     ]
