@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 import time
 import warnings
@@ -211,39 +210,20 @@ def ignore_catalyst_scalar_warning() -> None:
 
 
 class EpochLineCallback(dl.Callback):
-    """Console output of a run: one concise line per epoch (rank 0 only).
-
-    Catalyst's tqdm bars (one per loader) are added only when stderr is an interactive terminal (``bars=None``)
-    or when asked (``bars=True``); in logs, CI and ``make demo`` output each epoch is a single line::
+    """Console output of a run: one concise line per epoch (rank 0 only)::
 
         epoch 3/8  train loss 0.412  valid MAE 21.3 months (best 19.8 @ 2)  elapsed 41 s
+
+    Catalyst's tqdm bars are a separate callback that the runner adds only when stderr is a terminal.
     """
 
-    def __init__(self, bars: bool | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__(order=dl.CallbackOrder.external + 2)  # after CheckpointCallback: the best is known
-        self.bars = sys.stderr.isatty() if bars is None else bars
-        self._tqdm: dl.TqdmCallback | None = dl.TqdmCallback() if self.bars else None
         self.start = time.monotonic()
 
     def on_experiment_start(self, runner: dl.IRunner) -> None:
         ignore_catalyst_scalar_warning()
         self.start = time.monotonic()
-
-    def on_loader_start(self, runner: dl.IRunner) -> None:
-        if self._tqdm is not None:
-            self._tqdm.on_loader_start(runner)
-
-    def on_batch_end(self, runner: dl.IRunner) -> None:
-        if self._tqdm is not None:
-            self._tqdm.on_batch_end(runner)
-
-    def on_loader_end(self, runner: dl.IRunner) -> None:
-        if self._tqdm is not None:
-            self._tqdm.on_loader_end(runner)
-
-    def on_exception(self, runner: dl.IRunner) -> None:
-        if self._tqdm is not None:
-            self._tqdm.on_exception(runner)
 
     def on_epoch_end(self, runner: dl.IRunner) -> None:
         if not runner.engine.is_main_process:

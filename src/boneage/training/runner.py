@@ -14,6 +14,7 @@ gloo on CPU, nccl on GPU). Only rank 0 writes checkpoints and logs.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -164,8 +165,10 @@ class BoneAgeRunner(dl.IRunner):
             "checkpoint": CheckpointCallback(
                 self.run_dir, {"config": self.cfg.to_dict(), "target": self.target}, monitor, minimize,
                 self.resume_from),
-            "progress": EpochLineCallback(),  # one line per epoch; tqdm bars only on an interactive terminal
+            "progress": EpochLineCallback(),  # one line per epoch
         }
+        if sys.stderr.isatty():  # progress bars for a person at a terminal, not for logs and CI
+            callbacks["bars"] = dl.TqdmCallback()
         if self.scheduler is not None:
             mode = "batch" if t.scheduler == "onecycle" else "epoch"
             callbacks["scheduler"] = dl.SchedulerCallback(
