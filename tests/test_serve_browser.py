@@ -19,7 +19,8 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from boneage.data.synth import render_phantom
-from boneage.serve.app import create_app, serve_in_thread
+from boneage.serve.app import create_app
+from boneage.serve.server import serve_in_thread
 from helpers_predict import make_checkpoint
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

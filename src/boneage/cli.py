@@ -136,7 +136,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from boneage.serve.app import run_server
+    from boneage.serve.server import run_server
 
     return run_server(args)
 
