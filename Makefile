@@ -77,6 +77,14 @@ BASE_IMAGE ?= python:3.11-slim-bookworm
 CUSTOM_ENV ?= image:$(PROJECT):latest
 # Image of the filebrowser job.
 FILEBROWSER_IMAGE ?= filebrowser/filebrowser:latest
+# apolo-flow executable (`make image` builds the Dockerfile on the platform with it).
+APOLO_FLOW ?= apolo-flow
+# Docker CLI of `make image-local`.
+DOCKER ?= docker
+# Local tag of `make image-local`.
+LOCAL_IMAGE ?= boneage:latest
+# Where the image's torch wheels come from (the Dockerfile's TORCH_INDEX_URL; .../whl/cu128 for CUDA).
+IMAGE_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 ##### JOB NAMES #####
 
@@ -236,6 +244,14 @@ setup: upload-code ## Build the project image CUSTOM_ENV on the platform (start 
 	$(APOLO) exec --no-tty $(SETUP_JOB) -- bash -c '$(_SETUP_PIP)'
 	$(APOLO) $(SAVE_OPTIONS) job save $(SETUP_JOB) $(CUSTOM_ENV)
 	$(APOLO) kill $(SETUP_JOB)
+
+.PHONY: image
+image: ## Build the Dockerfile on the platform into CUSTOM_ENV (apolo-flow build, .apolo/live.yml images)
+	$(APOLO_FLOW) build boneage
+
+.PHONY: image-local
+image-local: ## Build the Dockerfile with a local Docker into LOCAL_IMAGE (torch from IMAGE_TORCH_INDEX)
+	$(DOCKER) build --tag $(LOCAL_IMAGE) --build-arg TORCH_INDEX_URL=$(IMAGE_TORCH_INDEX) .
 
 .PHONY: kill-setup
 kill-setup: ## Terminate the setup job (left running when setup fails half-way)
@@ -491,7 +507,7 @@ demo: ## Synthetic phantoms -> train cpu-small -> evaluate on held-out phantoms 
 		$(DEMO_DIR)/holdout/labels.csv); test $$# -eq 2 \
 		|| { echo "DEMO_FEATURED=$(DEMO_FEATURED) is no id of $(DEMO_DIR)/holdout/labels.csv" >&2; exit 1; }; \
 	$(BONEAGE) predict $(DEMO_DIR)/holdout/images/$(DEMO_FEATURED).png \
-		--checkpoint $(DEMO_DIR)/run/best.pt --sex $$2 --chronological-age $$1 \
+		--checkpoint $(DEMO_DIR)/run/best.pt --sex $$2 --chronological-age $${1}m \
 		--out $(DEMO_DIR)/reports
 	@$(PYTHON) -c "$$_DEMO_SUMMARY_PY" $(DEMO_DIR) $(DEMO_FEATURED) $(DEMO_N) "$(DEMO_TRAIN_EXTRA)"
 	@echo "== DEMO done (synthetic phantoms): metrics in $(DEMO_DIR)/eval/metrics.json, report in $(DEMO_DIR)/reports, summary in $(DEMO_DIR)/summary.json =="

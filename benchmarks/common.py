@@ -16,6 +16,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from boneage.atomic import write_text
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RSNA_DIR = REPO_ROOT.parent / "shared" / "data" / "rsna-bone-age"
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
@@ -115,10 +117,7 @@ def write_result(out_dir: Path, name: str, result: dict[str, Any], hardware: dic
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {**result, "hardware": hardware, "date": now_iso()}
     path = out_dir / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, json.dumps(payload, indent=2, default=_json_default) + "\n")
 
 
 def _json_default(value: Any) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,7 @@ def run(out_dir: Path, *, quick: bool, rsna_dir: Path, work_dir: Path, threads: 
     cfg = load_config("cpu-small")
     m, size = cfg.model, cfg.preprocess.size
     torch.manual_seed(0)
-    model = create_model(m.name, task=m.task, sex_input=m.sex_input, pretrained=False, dropout=m.dropout,
-                         width=m.width).eval()
+    model = create_model(**{**asdict(m), "pretrained": False}).eval()
     folder = Path(tempfile.mkdtemp(prefix="latency-", dir=work_dir))
     ckpt = save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "target": TARGET},
                            folder / "cpu-small-random.pt")

@@ -190,7 +190,8 @@ def _accuracy_md(r: dict[str, Any]) -> list[str]:
               f"paper-m46 {_f(r['mae_ratio_cpu_small_to_paper_m46'], 2)}. Plot: `img/{Path(r['plot']).name}`.", "",
               "### cpu-small ablation (same budget, each row adds one change to the row above)", "", *header]
     ladder = [k for k in r["order"] if k not in r["config_rows"]]
-    build = [k for k in ladder if "-160-" not in k]  # steps towards the recipe; "-160-" rows vary the recipe
+    end = r.get("ladder_end", "")
+    build = [k for k in ladder if "-160-" not in k and k != end]  # steps towards it; "-160-" rows vary it
     previous = None
     for key in build:
         x = runs[key]
@@ -199,11 +200,12 @@ def _accuracy_md(r: dict[str, Any]) -> list[str]:
         previous = x["mae"]
     recipe = runs.get(r.get("ladder_end", ""))
     if recipe is not None and previous is not None:
-        lines.append(_accuracy_row(r["ladder_end"], recipe,
-                                   f"+ 160 px = the shipped recipe ({recipe['mae'] - previous:+.2f})"))
+        what = labels.get(end, "")
+        what = what if what.startswith("+") else f"+ 160 px = {what}"
+        lines.append(_accuracy_row(end, recipe, f"{what} ({recipe['mae'] - previous:+.2f})"))
         for key in (k for k in ladder if "-160-" in k):
             x = runs[key]
-            lines.append(_accuracy_row(key, x, f"{labels.get(key, '')} ({x['mae'] - recipe['mae']:+.2f} vs cpu-small)"))
+            lines.append(_accuracy_row(key, x, f"{labels.get(key, '')} ({x['mae'] - recipe['mae']:+.2f} vs {end})"))
     lines += [""] + [f"- {n}" for n in r.get("notes", [])]
     return lines
 

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,7 @@ def random_checkpoint(folder: Path) -> Path:
     cfg = load_config("cpu-small")
     m = cfg.model
     torch.manual_seed(0)
-    model = create_model(m.name, task=m.task, sex_input=m.sex_input, pretrained=False, dropout=m.dropout,
-                         width=m.width)
+    model = create_model(**{**asdict(m), "pretrained": False})
     return save_checkpoint({"model": model.state_dict(), "config": cfg.to_dict(), "target": TARGET,
                             "metrics": {}, "epoch": 0}, folder / "random-cpu-small.pt")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,7 @@ def measure_config(name: str, *, batch_size: int, warmup: int, steps: int) -> di
     m, size = cfg.model, cfg.preprocess.size
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = create_model(m.name, task=m.task, sex_input=m.sex_input, pretrained=False, dropout=m.dropout,
-                         width=m.width)
+    model = create_model(**{**asdict(m), "pretrained": False})
     build_s = time.perf_counter() - start
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,16 @@ SIZE = 96
 
 
 def make_checkpoint(path: Path, *, name: str = "bonenet_s", seed: int = 0, size: int = SIZE, mae: float | None = 9.5,
-                    sex_input: bool = True, hflip: bool = False, crop_hand: bool = False) -> Path:
-    """An untrained model saved like a trained one (target mean 120, std 40 months)."""
+                    sex_input: bool = True, hflip: bool = False, crop_hand: bool = False,
+                    calibrated: bool = True) -> Path:
+    """An untrained model saved like a trained one (target mean 120, std 40 months); ``calibrated``: with
+    validation residuals (``synthetic_calibration``) as training stores them, else like an older checkpoint."""
     torch.manual_seed(seed)
     cfg = Config(name="test", preprocess=PreprocessConfig(size=size, crop_hand=crop_hand),
                  augment=AugmentConfig(level="light", hflip=hflip),
                  model=ModelConfig(name=name, sex_input=sex_input, width=0.5 if name == "bonenet_s" else 1.0))
     m = cfg.model
-    model = create_model(m.name, task=m.task, sex_input=m.sex_input, dropout=m.dropout, width=m.width)
+    model = create_model(**asdict(m))
     for module in model.modules():  # untrained, but outputs that vary with the input by months
         if isinstance(module, torch.nn.BatchNorm2d):
             module.weight.data.uniform_(0.5, 1.5)
@@ -35,7 +38,16 @@ def make_checkpoint(path: Path, *, name: str = "bonenet_s", seed: int = 0, size:
     last.weight.data *= 25.0
     state = {"model": model.state_dict(), "config": cfg.to_dict(), "target": {"mean": 120.0, "std": 40.0},
              "metrics": {} if mae is None else {"mae_months": mae}, "epoch": 1}
+    if calibrated:
+        state["calibration"] = synthetic_calibration(seed)
     return save_checkpoint(state, path)
+
+
+def synthetic_calibration(seed: int = 0, n: int = 600, sd: float = 10.0) -> dict:
+    """Validation predictions and labels as the trainer stores them: labels = predictions + N(0, sd) months."""
+    rng = np.random.default_rng(seed)
+    pred = rng.uniform(0.0, 228.0, n)
+    return {"pred_months": pred.tolist(), "true_months": (pred + rng.normal(0.0, sd, n)).tolist()}
 
 
 def hand_image(height: int = 300, width: int = 240, seed: int = 0) -> np.ndarray:

@@ -144,7 +144,7 @@ def test_out_of_range_recipe_settings_fail_before_any_work(override: str, tmp_pa
     from boneage.errors import ConfigError
     from boneage.training.runner import train
 
-    cfg = load_config("cpu-small", [f"data.images={tmp_path}", f"data.labels={tmp_path / 'none.csv'}", override])
-    with pytest.raises(ConfigError, match=override.split("=")[0]):
-        train(cfg, tmp_path / "run")
+    with pytest.raises(ConfigError, match=override.split("=")[0]):  # refused when the config is built
+        train(load_config("cpu-small", [f"data.images={tmp_path}", f"data.labels={tmp_path / 'none.csv'}", override]),
+              tmp_path / "run")
     assert not (tmp_path / "run" / "config.yaml").exists()

@@ -815,7 +815,7 @@ def test_demo_commands(fake):
     assert any(arg.startswith("/tmp/d/holdout/labels.csv") for arg in predict)
     tail = predict[predict.index("boneage"):]
     assert tail == ["boneage", "predict", "/tmp/d/holdout/images/100000.png", "--checkpoint", "/tmp/d/run/best.pt",
-                    "--sex", "$2", "--chronological-age", "$1", "--out", "/tmp/d/reports"]
+                    "--sex", "$2", "--chronological-age", "${1}m", "--out", "/tmp/d/reports"]
     # ... and the closing line (summary.json too) comes from the held-out evaluation and that report.
     assert cmds[-1][:2] == ["python", "-c"]
     assert cmds[-1][-4:] == ["/tmp/d", "100000", "320", "train.epochs=24 preprocess.size=96 data.val_fraction=0.2"]

@@ -55,7 +55,8 @@ def test_html_has_the_notice_numbers_and_images():
     assert page.startswith("<!DOCTYPE html>") and page.count("data:image/png;base64,") == 2
     assert page.index("Research use only \u2014 not a certified medical device") < page.index("Bone age 9 y 10 m")
     for text in ("9 y 10 m (118.4 months)", "9 y 3 m (111.0 months)", "+7.4 months", "11.0 months", "+0.67",
-                 "normal", "&plusmn;9.5 months", "best.pt (bonenet_s)", "sex unknown", "Greulich WW, Pyle SI"):
+                 "normal", "mean absolute error 9.5 months", "best.pt (bonenet_s)", "sex unknown",
+                 "Greulich WW, Pyle SI"):
         assert text in page, text
     assert "<script" not in page and "http" not in page  # self-contained: nothing fetched
 
@@ -96,8 +97,11 @@ def test_console_table():
     failed["error"] = "truncated PNG\nsecond line"
     lines = format_table([analysed(), analysed("b.png", chronological_age_text=None, difference_months=None,
                                                z_score=None, category=None, sex=None), failed]).splitlines()
-    assert lines[0].split() == ["file", "sex", "bone", "age", "chron.", "age", "diff", "z", "result"]
-    assert lines[1].split() == ["hand.png", "F", "9", "y", "10", "m", "9", "y", "3", "m", "+7.4", "+0.67", "normal"]
+    assert lines[0].split() == ["file", "sex", "bone", "age", "interval", "chron.", "age", "diff", "z", "result"]
+    assert lines[1].split() == ["hand.png", "F", "9", "y", "10", "m", "-", "9", "y", "3", "m", "+7.4", "+0.67",
+                                "normal"]  # "-": this record has no prediction interval
+    with_interval = format_table([analysed(bone_age_interval_months=[101.2, 135.6], interval_level=0.9)])
+    assert "101-136 m" in with_interval.splitlines()[1]
     assert lines[2].split()[:2] == ["b.png", "?"] and lines[2].endswith("bone age only")
     assert lines[3].startswith("...") and lines[3].endswith("error: truncated PNG") and len(lines) == 4
 

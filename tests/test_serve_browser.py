@@ -77,7 +77,7 @@ def test_page_upload_shows_the_api_result(server, browser, tmp_path):
     try:
         page.goto(server + "/")
         expect(page.locator(".ruo")).to_contain_text("Research use only")
-        expect(page.locator("#model-info")).to_contain_text("validation MAE \u00b19.5 months")
+        expect(page.locator("#model-info")).to_contain_text("validation MAE 9.5 months")
 
         page.get_by_label("Drop a radiograph here").set_input_files(str(image))  # the labelled file input
         expect(page.locator("#file-name")).to_contain_text("phantom.png")
@@ -90,10 +90,14 @@ def test_page_upload_shows_the_api_result(server, browser, tmp_path):
         shown = float(page.locator("#bone-age-months").inner_text())
         assert math.isclose(shown, api["bone_age_months"], abs_tol=0.051)
         expect(page.locator("#bone-age-text")).to_have_text(api["bone_age_text"])
-        expect(page.locator("#category")).to_have_text(api["category"])
+        certainty = (api["category_certainty"] or "").split(":")[0]
+        badge = api["category"] + (f" ({certainty})" if certainty in ("borderline", "indeterminate") else "")
+        expect(page.locator("#category")).to_have_text(badge)
+        lo, hi = api["bone_age_interval_months"]
+        expect(page.locator("#interval")).to_contain_text(f"{lo:.0f}\u2013{hi:.0f} months, 90% prediction interval")
         expect(page.locator("#z-score")).to_contain_text(f"{api['z_score']:+.2f}".replace("-", "\u2212"))
         expect(page.locator("#chronological-age")).to_contain_text("9 y 3 m")
-        expect(page.locator("#mae")).to_contain_text("\u00b19.5 months")
+        expect(page.locator("#mae")).to_contain_text("mean absolute error 9.5 months on held-out validation images")
         expect(page.locator("#status")).to_contain_text("Done")
         assert page.locator("#result").get_attribute("aria-live") == "polite"
         assert page.eval_on_selector("#heatmap", "img => img.complete && img.naturalWidth") == 384

@@ -47,6 +47,10 @@ def test_train_writes_the_run_folder(phantoms, tmp_path):
     assert metrics["target"]["n_train"] + metrics["target"]["n_valid"] == 48
     state = load_checkpoint(run / "best.pt")
     assert "optimizer" not in state and state["metrics"]["mae_months"] == saved["best"]["mae_months"]
+    calibration = state["calibration"]  # the validation predictions behind the conformal intervals
+    assert len(calibration["pred_months"]) == len(calibration["true_months"]) == metrics["target"]["n_valid"]
+    residual_mae = np.mean(np.abs(np.subtract(calibration["pred_months"], calibration["true_months"])))
+    assert residual_mae == pytest.approx(saved["best"]["mae_months"], rel=1e-4)
     model, cfg, _ = model_from_checkpoint(run / "best.pt")
     assert cfg.preprocess.size == 64 and not model.training
 
@@ -205,7 +209,7 @@ def test_stop_before_any_validation_batch_is_a_clear_error(phantoms, tmp_path, m
     assert load_checkpoint(run / "last.pt")["epoch"] == 1
 
     monkeypatch.undo()  # the same run resumed without a budget validates and writes best.pt
-    assert main([*argv[:-1], "train.max_minutes=0", "--resume"]) == 0
+    assert main([*argv[:-1], "train.max_minutes=null", "--resume"]) == 0
     saved = json.loads((run / "metrics.json").read_text())
     assert saved["validation_ran"] is True and saved["epochs_done"] == 2 and (run / "best.pt").is_file()
 

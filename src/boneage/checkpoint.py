@@ -12,14 +12,14 @@ Shared by training (save, resume) and inference (load). A checkpoint is a plain 
 
 from __future__ import annotations
 
-import os
-import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from boneage import __version__
+from boneage.atomic import atomic_write
 from boneage.config import Config
 from boneage.errors import BoneAgeError, CheckpointError
 
@@ -31,16 +31,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {**state, "version": __version__}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb", fsync=True) as fh:
+        torch.save(state, fh)
     return path
 
 
@@ -52,10 +44,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} cannot be read ({exc}); is it a boneage .pt file?") from exc
+        text = str(exc)
+        if "weights_only" in text or "Unsupported global" in text or "pickle" in text.lower():
+            reason = "it holds Python objects besides tensors and plain data, which are refused for safety"
+        else:
+            reason = text.splitlines()[0] if text else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read ({reason}); is it a boneage .pt file? "
+                              "Checkpoints are only ever loaded with weights_only=True") from None
     missing = [k for k in REQUIRED_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by boneage")
+    bad = [k for k, v in (state["model"].items() if isinstance(state["model"], dict) else ())
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} has NaN or infinite weights ({len(bad)} tensor(s), e.g. {bad[0]}); "
+                              "the training run that wrote it diverged: use an earlier checkpoint or retrain")
     return state
 
 
@@ -71,8 +74,7 @@ def model_from_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[
     state = load_checkpoint(path, map_location)
     cfg = config_from_checkpoint(state)
     m = cfg.model
-    model = create_model(m.name, task=m.task, sex_input=m.sex_input, pretrained=False,
-                         dropout=m.dropout, width=m.width)
+    model = create_model(**{**asdict(m), "pretrained": False})
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, BoneAgeError) as exc:

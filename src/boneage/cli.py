@@ -6,7 +6,9 @@ Errors a user can cause (``BoneAgeError``) become one line on stderr and exit st
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from boneage import __version__
@@ -48,6 +50,70 @@ PREDICT_EXAMPLES = """examples:
   boneage predict hand.png --checkpoint runs/cpu-small/best.onnx --runtime onnx"""
 
 
+def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """argparse type: an integer in [lo, hi]; argparse names the flag in its error."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range; use {lo}..{hi}" if hi is not None
+                                             else f"{value} is out of range; use an integer >= {lo}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return value
+
+
+def interval_level(text: str) -> float:
+    """argparse type: 0.9, 90 or 90% -> 0.9; in (0.5, 0.995]."""
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a level; write e.g. 0.9 or 90%") from None
+    value = value / 100 if (text.endswith("%") or value > 1) else value
+    if not 0.5 <= value <= 0.995:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; use a level from 0.5 to 0.995 (50% to 99.5%)")
+    return value
+
+
+def device_name(text: str) -> str:
+    from boneage.device import DEVICE_CHOICES, check_device_name
+
+    try:
+        return check_device_name(text)
+    except BoneAgeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use {DEVICE_CHOICES}") from None
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto (a CUDA GPU if PyTorch sees one, else the CPU), cpu, cuda or cuda:N")
+
+
+def out_folder(text: str) -> str:
+    """argparse type for --out folders: not an existing file, and writable (or creatable)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is an existing file, not a folder; give a folder path")
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot write in {probe} (permission denied); choose another folder")
+    return text
+
+
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--images", required=required, metavar="DIR", help="folder of <id>.png/.jpg radiographs")
     p.add_argument("--labels", required=required, metavar="CSV",
@@ -55,7 +121,7 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where preprocessed caches live (default: $BONEAGE_CACHE_DIR or ~/.cache/boneage)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad rows/images with a warning instead of failing")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    p.add_argument("--workers", type=int_in(0, 1024), default=None, metavar="N",
                    help="processes for preprocessing (default: all cores)")
 
 
@@ -114,10 +180,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from boneage.inference.evaluate import evaluate
 
     report = evaluate(args.checkpoint, args.images, args.labels, args.out, tta=args.tta,
-                      cache_dir=args.cache_dir, skip_bad=args.skip_bad, workers=args.workers)
+                      cache_dir=args.cache_dir, skip_bad=args.skip_bad, workers=args.workers,
+                      interval_level=args.interval_level, device=args.device)
     print(f"n={report['n']}  MAE {report['mae_months']:.2f}  RMSE {report['rmse_months']:.2f}  "
           f"median AE {report['median_ae_months']:.2f} months  within 12 m {report['within_12_months_pct']:.1f}%  "
-          f"-> {args.out}/metrics.json")
+          + (f"{report['interval']['level_pct']:g}% interval coverage {report['interval']['coverage_pct']:.1f}%  "
+             if "interval" in report else "") + f"-> {args.out}/metrics.json")
     return 0
 
 
@@ -163,9 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                               epilog=epilog, formatter_class=HelpFormatter)
 
     p = command("synth", "draw synthetic phantom radiographs (demo data, no real patients)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder: OUT/images/<id>.png + OUT/labels.csv")
-    p.add_argument("--n", type=int, default=300, help="number of phantoms")
-    p.add_argument("--seed", type=int, default=0, help="random seed; phantom i depends only on (seed, i)")
+    p.add_argument("--out", required=True, type=out_folder, metavar="DIR",
+                   help="output folder: OUT/images/<id>.png + OUT/labels.csv")
+    p.add_argument("--n", type=int_in(1, 1_000_000), default=300, help="number of phantoms")
+    p.add_argument("--seed", type=int_in(0), default=0, help="random seed; phantom i depends only on (seed, i)")
     p.set_defaults(func=cmd_synth)
 
     p = command("prepare", "decode and preprocess every radiograph once into the cache")
@@ -180,12 +249,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="shipped config name (cpu-small, paper-m46, resnet50, "
                    "inceptionv3) or a YAML path")
     _add_data_args(p, required=False)
-    p.add_argument("--out", required=True, metavar="DIR",
+    p.add_argument("--out", required=True, type=out_folder, metavar="DIR",
                    help="run folder: best.pt, last.pt, config.yaml, metrics.json, logs")
     p.add_argument("--resume", action="store_true", help="continue from OUT/last.pt if it exists (else start)")
     p.add_argument("--engine", choices=["auto", "cpu", "gpu", "ddp"],
                    help="override train.engine (default: the config's, auto = GPU if visible)")
-    p.add_argument("--ddp-workers", type=int, metavar="N",
+    p.add_argument("--ddp-workers", type=int_in(1, 1024), metavar="N",
                    help="processes (GPUs) for --engine ddp (default: the config's train.ddp_workers)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="section.key=value overrides, e.g. train.epochs=5 train.max_minutes=10")
@@ -195,8 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, action="append", metavar="PT",
                    help="checkpoint .pt (repeat for an ensemble)")
     _add_data_args(p, required=True)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder: metrics.json, predictions.csv, plots")
+    p.add_argument("--out", required=True, type=out_folder, metavar="DIR",
+                   help="output folder: metrics.json, predictions.csv, plots")
     p.add_argument("--tta", action="store_true", help="test-time augmentation (small rotations and shifts)")
+    p.add_argument("--interval-level", type=interval_level, default=0.9, metavar="P",
+                   help="level of the prediction intervals whose coverage is measured")
+    _add_device_arg(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = command("predict", "bone-age reports for PNG/JPEG/DICOM files, folders or globs", PREDICT_EXAMPLES)
@@ -205,9 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint .pt, or .onnx with --runtime onnx (repeat for an ensemble)")
     p.add_argument("--sex", help="F or M (default: DICOM PatientSex; else both sexes averaged)")
     p.add_argument("--chronological-age", metavar="AGE",
-                   help="e.g. 9y3m, 9y or 111 (months), for the z-score and category (default: from the DICOM "
-                        "header; else bone age only)")
-    p.add_argument("--out", metavar="DIR",
+                   help="with its unit: 9y3m, 9.25y or 111m (a bare number is refused), for the z-score and "
+                        "category (default: from the DICOM header; else bone age only)")
+    p.add_argument("--out", type=out_folder, metavar="DIR",
                    help="folder for JSON/HTML/heatmap/CSV reports (default: console table only)")
     p.add_argument("--tta", dest="tta", action="store_true", default=True,
                    help="test-time augmentation (default: on)")
@@ -215,7 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", dest="heatmap", action="store_true", default=True,
                    help="Grad-CAM heatmap in the reports (default: on)")
     p.add_argument("--no-heatmap", dest="heatmap", action="store_false", help="no Grad-CAM heatmap (faster)")
+    p.add_argument("--interval-level", type=interval_level, default=0.9, metavar="P",
+                   help="coverage of the conformal prediction interval, e.g. 0.9 or 90%%")
     p.add_argument("--right-hand", action="store_true", help="images show a right hand: mirror them")
+    _add_device_arg(p)
     p.add_argument("--keep-identifiers", action="store_true", help="copy DICOM patient identifiers into reports")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="torch, or an ONNX file via "
                    "ONNX Runtime (give the .onnx as --checkpoint)")
@@ -225,26 +301,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, metavar="PT", help="checkpoint .pt to export")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
     p.add_argument("--out", metavar="FILE", help="output .onnx (default: next to the checkpoint)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 18, torch.export-based exporter)")
+    p.add_argument("--opset", type=int_in(18, 30), default=18, help="ONNX opset (>= 18, torch.export-based exporter)")
     p.set_defaults(func=cmd_export)
 
     p = command("serve", "web page and REST API (no authentication: loopback only unless --host)")
     p.add_argument("--checkpoint", required=True, action="append", metavar="PT",
                    help="checkpoint .pt (repeat for an ensemble)")
     p.add_argument("--host", default="127.0.0.1", help="bind address; 127.0.0.1 = this machine only")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (0: pick a free one and print it)")
-    p.add_argument("--max-upload-mb", type=float, default=50.0, metavar="MB", help="largest accepted upload")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="inference threads")
+    p.add_argument("--port", type=int_in(0, 65535), default=8000, help="TCP port (0: pick a free one and print it)")
+    p.add_argument("--max-upload-mb", type=positive_float, default=50.0, metavar="MB", help="largest accepted upload")
+    p.add_argument("--workers", type=int_in(1, 64), default=2, metavar="N", help="inference threads")
+    p.add_argument("--interval-level", type=interval_level, default=0.9, metavar="P",
+                   help="coverage of the conformal prediction interval, e.g. 0.9 or 90%%")
+    _add_device_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = command("download", "fetch the RSNA data from Kaggle (needs an API token)")
-    p.add_argument("--out", default="data/rsna-bone-age", metavar="DIR", help="where to put images/ and labels.csv")
+    p.add_argument("--out", default="data/rsna-bone-age", type=out_folder, metavar="DIR",
+                   help="where to put images/ and labels.csv")
     p.set_defaults(func=cmd_download)
     return parser
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting KEY=VALUE overrides sit anywhere after the subcommand, before or after options
+    (argparse alone accepts them only as one run of positionals)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+        return args
+    return parser.parse_args(argv)  # unknown options: argparse's own message and exit status 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name is printed escaped, never an exception
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    args = _parse(argv)
     try:
         return int(args.func(args) or 0)
     except BoneAgeError as exc:

@@ -2,7 +2,9 @@
 
 A config is a tree of dataclasses. ``load_config("cpu-small", ["train.epochs=3"])`` reads a
 shipped config (``src/boneage/configs/<name>.yaml``) or a YAML path, applies dotted overrides
-and validates every key and type, so a typo fails before any work starts.
+and validates every key, type, range (``Annotated[..., Range(...)]``) and closed set of names
+(``Literal[...]``) when the config is built, so a typo or an impossible value fails before any
+work starts, with the field, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -13,11 +15,38 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from boneage.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Range:
+    """A numeric field's valid interval; ``None`` leaves that side open-ended."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # True: lo itself is not allowed
+    hi_open: bool = False
+
+    def text(self) -> str:
+        lo = "" if self.lo is None else f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        hi = "" if self.hi is None else f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return " and ".join(t for t in (lo, hi) if t)
+
+    def holds(self, value: float) -> bool:
+        if value != value:  # NaN
+            return False
+        if self.lo is not None and (value < self.lo or (self.lo_open and value == self.lo)):
+            return False
+        return self.hi is None or not (value > self.hi or (self.hi_open and value == self.hi))
+
+
+Positive = Annotated[int, Range(1)]
+NonNegative = Annotated[int, Range(0)]
+Fraction = Annotated[float, Range(0.0, 1.0, hi_open=True)]  # [0, 1)
 
 
 @dataclass
@@ -27,31 +56,31 @@ class DataConfig:
     images: str | None = None
     labels: str | None = None
     cache_dir: str | None = None  # default: $BONEAGE_CACHE_DIR or ~/.cache/boneage
-    val_fraction: float = 0.15
-    n_folds: int = 0  # > 0: k-fold split, ``fold`` picks the validation fold
-    fold: int = 0
-    split_seed: int = 2017
+    val_fraction: Fraction = 0.15
+    n_folds: Annotated[int, Range(0, 100)] = 0  # > 0: k-fold split, ``fold`` picks the validation fold
+    fold: NonNegative = 0  # < n_folds
+    split_seed: Annotated[int, Range(0, 2**32 - 1)] = 2017
     skip_bad: bool = False
-    limit: int | None = None  # use only the first N rows (after a seeded shuffle): quick runs
-    num_workers: int = 0
+    limit: Positive | None = None  # use only the first N rows (after a seeded shuffle): quick runs
+    num_workers: Annotated[int, Range(0, 256)] = 0
 
 
 @dataclass
 class PreprocessConfig:
     """The single preprocessing path (``boneage.preprocess``): crop, contrast, resize."""
 
-    size: int = 256
+    size: Annotated[int, Range(32, 4096)] = 256
     crop_hand: bool = False
     clahe: bool = False
-    clahe_clip_limit: float = 2.0
-    clahe_tile: int = 8
+    clahe_clip_limit: Annotated[float, Range(0.0, 1000.0, lo_open=True)] = 2.0
+    clahe_tile: Annotated[int, Range(1, 64)] = 8  # tiles per side
 
 
 @dataclass
 class AugmentConfig:
     """Albumentations pipelines applied after the cached preprocessing (``boneage.transforms``)."""
 
-    level: str = "light"  # none | paper | light | strong
+    level: Literal["none", "paper", "light", "strong"] = "light"
     hflip: bool = False  # left hands only: a flip makes a right hand, off by default
 
 
@@ -60,38 +89,41 @@ class ModelConfig:
     """Arguments of ``boneage.models.create_model``."""
 
     name: str = "m46"
-    task: str = "age"  # age | sex
+    task: Literal["age", "sex"] = "age"
     sex_input: bool = True
     pretrained: bool | str = False  # True: ImageNet weights (network); str: a local weights file
-    dropout: float = 0.2
-    width: float = 1.0  # channel multiplier for models that support it
+    dropout: Fraction = 0.2
+    width: Annotated[float, Range(0.0, 8.0, lo_open=True)] = 1.0  # channel multiplier for models that support it
 
 
 @dataclass
 class TrainConfig:
     """Optimisation and the Catalyst engine."""
 
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
-    backbone_lr_mult: float = 1.0  # the encoder's LR = lr * this (< 1: fine-tune pretrained weights gently)
-    warmup_pct: float = 0.2  # one-cycle: fraction of the steps spent warming the LR up
-    ema_decay: float = 0.0  # > 0: validate and save an exponential moving average of the weights
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"  # adam | adamw | sgd
-    scheduler: str = "onecycle"  # onecycle | cosine | plateau | none
-    loss: str = "l1"  # l1 | smooth_l1 | mse
-    early_stopping_patience: int = 0  # 0: off
-    max_minutes: float | None = None  # wall-clock budget: stop after the epoch that crosses it
-    engine: str = "auto"  # auto | cpu | gpu | ddp
-    ddp_workers: int = 2  # processes for engine=ddp
-    ddp_backend: str = "nccl"  # nccl on GPU, gloo on CPU
+    epochs: Annotated[int, Range(1, 100_000)] = 10
+    batch_size: Annotated[int, Range(1, 65_536)] = 32
+    lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 1e-3
+    # the encoder's LR = lr * this (< 1: fine-tune pretrained weights gently)
+    backbone_lr_mult: Annotated[float, Range(0.0, 100.0, lo_open=True)] = 1.0
+    # one-cycle: fraction of the steps spent warming the LR up
+    warmup_pct: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 0.2
+    ema_decay: Fraction = 0.0  # > 0: validate and save an exponential moving average of the weights
+    weight_decay: Annotated[float, Range(0.0, 10.0)] = 1e-4
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    scheduler: Literal["onecycle", "cosine", "plateau", "none"] = "onecycle"
+    loss: Literal["l1", "smooth_l1", "mse"] = "l1"
+    early_stopping_patience: NonNegative = 0  # 0: off
+    # wall-clock budget: stop after the epoch that crosses it
+    max_minutes: Annotated[float, Range(0.0, lo_open=True)] | None = None
+    engine: Literal["auto", "cpu", "gpu", "ddp"] = "auto"
+    ddp_workers: Annotated[int, Range(1, 1024)] = 2  # processes for engine=ddp
+    ddp_backend: Literal["nccl", "gloo"] = "nccl"  # nccl on GPU, gloo on CPU
     amp: bool = True  # used on GPU only
     channels_last: bool = False
-    seed: int = 42
-    num_threads: int | None = None
+    seed: Annotated[int, Range(0, 2**32 - 1)] = 42
+    num_threads: Annotated[int, Range(1, 1024)] | None = None
     wandb: bool = False
-    log_every: int = 20
+    log_every: Positive = 20
 
 
 @dataclass
@@ -112,6 +144,10 @@ class Config:
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> "Config":
         return _build(cls, raw, source, "")
 
+    def validate(self, source: str = "config") -> "Config":
+        """Check a config built in code (``Config(...)``) as strictly as one read from YAML."""
+        return Config.from_dict(self.to_dict(), source)
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
@@ -119,6 +155,18 @@ class Config:
 def _check_value(tp: Any, value: Any, where: str) -> Any:
     """Coerce/validate ``value`` against the annotation ``tp``."""
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        base, *extras = typing.get_args(tp)
+        value = _check_value(base, value, where)
+        for rule in extras:
+            if isinstance(rule, Range) and not rule.holds(value):
+                raise ConfigError(f"{where}: {value!r} is out of range; it must be {rule.text()}")
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -159,7 +207,7 @@ def _check_value(tp: Any, value: Any, where: str) -> Any:
 def _build(cls: Any, raw: Any, source: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: section '{prefix or 'top level'}' must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -176,7 +224,18 @@ def _build(cls: Any, raw: Any, source: str, prefix: str) -> Any:
             kwargs[f.name] = _build(tp, raw[f.name], source, f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _check_value(tp, raw[f.name], f"{source}: {prefix}{f.name}")
-    return cls(**kwargs)
+    built = cls(**kwargs)
+    _check_together(built, source)
+    return built
+
+
+def _check_together(section: Any, source: str) -> None:
+    """Rules that involve two fields of one section."""
+    if isinstance(section, DataConfig) and section.n_folds > 1 and not section.fold < section.n_folds:
+        raise ConfigError(f"{source}: data.fold={section.fold} must be below data.n_folds={section.n_folds} "
+                          f"(folds are numbered 0..{section.n_folds - 1})")
+    if isinstance(section, DataConfig) and section.n_folds == 1:
+        raise ConfigError(f"{source}: data.n_folds=1 makes no split; use 0 (a val_fraction split) or >= 2")
 
 
 def shipped_configs() -> list[str]:

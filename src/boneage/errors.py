@@ -23,3 +23,7 @@ class ConfigError(BoneAgeError):
 
 class CheckpointError(BoneAgeError):
     """A checkpoint file is missing, corrupt or incompatible."""
+
+
+class TrainingDiverged(BoneAgeError):
+    """The loss stopped being a number, or the validation error exploded: the run is stopped, not saved."""

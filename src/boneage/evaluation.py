@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from boneage.atomic import write_text
+
 BAND_MONTHS = 24
 
 
@@ -102,7 +104,8 @@ def write_results(predictions: pd.DataFrame, report: dict, out_dir: str | Path) 
     """``metrics.json`` and ``predictions.csv`` in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
+    write_text(out_dir / "metrics.json", json.dumps(report, indent=2))
     table = predictions.assign(abs_error=(predictions["predicted"] - predictions["boneage"]).abs())
-    cols = [c for c in ("id", "male", "boneage", "predicted", "abs_error", "path") if c in table]
+    cols = [c for c in ("id", "male", "boneage", "predicted", "abs_error", "interval_low", "interval_high", "path")
+            if c in table]
     table[cols].to_csv(out_dir / "predictions.csv", index=False, float_format="%.3f")

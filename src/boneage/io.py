@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from boneage.clinical import parse_sex
 from boneage.errors import BoneAgeError, ImageReadError
 
-MAX_PIXELS = 100_000_000  # decompression-bomb limit: ~10k x 10k
+MAX_PIXELS = 36_000_000  # 6000 x 6000: twice the largest hand-radiograph detector (43 cm at 0.1 mm); bombs beyond
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 DICOM_IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
 
@@ -104,8 +104,9 @@ def _read_pil(path: Path, kind: str, max_pixels: int) -> tuple[np.ndarray, Image
             img.load()
             mode = img.mode
             if mode in ("I;16", "I;16B", "I;16L", "I"):
-                array = np.asarray(img, dtype=np.int64)
-                array = np.clip(array, 0, 65535).astype(np.uint16)
+                array = np.asarray(img)  # uint16 for I;16*, int32 for I: no 64-bit copy of a large file
+                if array.dtype != np.uint16:
+                    array = np.clip(array, 0, 65535).astype(np.uint16)
                 bit_depth, channels, colour = 16, 1, 0.0
             elif mode in ("L", "1", "LA"):
                 array = np.asarray(img.convert("L"), dtype=np.uint8)
@@ -192,35 +193,18 @@ def _read_dicom(path: Path, keep_identifiers: bool, max_pixels: int) -> tuple[np
             raise ImageReadError(f"{path}: not a readable DICOM file ({exc})") from exc
         if not has_pixels:
             raise ImageReadError(f"{path}: DICOM file has no pixel data (a report or structured document?)")
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        if rows * cols > max_pixels:
-            raise ImageReadError(f"{path}: {cols}x{rows} pixels exceeds the limit of {max_pixels}")
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        if frames != 1:
-            raise ImageReadError(f"{path}: DICOM holds {frames} frames; give a single-frame radiograph")
-        raw, colour = _dicom_pixels(path, ds)
-        notes = []
-        raw_sex = str(ds.get("PatientSex", "") or "").strip()
-        sex = _dicom_sex(raw_sex)
-        if raw_sex and sex is None:
-            notes.append(f"DICOM PatientSex {raw_sex!r} is neither M nor F: sex treated as unknown")
-        raw_age = str(ds.get("PatientAge", "") or "").strip()
-        age = parse_dicom_age(raw_age)
-        if age is None:
-            birth, study = _dicom_date(ds.get("PatientBirthDate")), _dicom_date(ds.get("StudyDate"))
-            if birth and study and study >= birth:
-                age = (study - birth).days / 30.4375
-            if raw_age:
-                notes.append(f"DICOM PatientAge {raw_age!r} is not a DICOM age (e.g. 009Y, 111M): "
-                             + ("age taken from the birth and study dates" if age is not None else "ignored"))
-        laterality = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
-        inverse = (str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
-                   or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE")
-        identifiers = {}
-        if keep_identifiers:
-            identifiers = {k: str(ds.get(k)) for k in DICOM_IDENTIFIERS if ds.get(k) not in (None, "")}
-        bits = int(ds.get("BitsStored", 16) or 16)
+        try:
+            raw, colour, sex, age, laterality, inverse, identifiers, bits, notes = _dicom_header_and_pixels(
+                path, ds, keep_identifiers, max_pixels)
+        except ImageReadError:
+            raise
+        except Exception as exc:  # any other pydicom / LUT failure on a malformed header: this file's error
+            raise ImageReadError(f"{path}: malformed DICOM header or pixel module ({type(exc).__name__}); "
+                                 "re-export the image from the PACS or viewer") from exc
     data = np.asarray(raw, dtype=np.float64)
+    if data.size == 0 or not np.isfinite(data).all():
+        raise ImageReadError(f"{path}: DICOM pixel values are empty or not finite after the modality/VOI LUT "
+                             "(a WindowWidth of 0 or a broken rescale?); re-export the image")
     lo, hi = float(np.min(data)), float(np.max(data))
     scaled = (data - lo) / (hi - lo) if hi > lo else np.zeros_like(data)
     if inverse and colour == 0.0:
@@ -231,6 +215,55 @@ def _read_dicom(path: Path, keep_identifiers: bool, max_pixels: int) -> tuple[np
         colour, sex, age, laterality == "R", identifiers, notes,
     )
     return array, meta
+
+
+def _header_int(path: Path, ds: Any, keyword: str, default: int) -> int:
+    """One integer header attribute; a clear error (without echoing the value) when it is not one."""
+    value = ds.get(keyword, default)
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)  # a multi-valued attribute raises TypeError; text raises ValueError
+    except (TypeError, ValueError):
+        raise ImageReadError(f"{path}: DICOM {keyword} is not a single integer; the header is malformed, "
+                             "re-export the image") from None
+    if not number.is_integer() or number < 0:
+        raise ImageReadError(f"{path}: DICOM {keyword} is not a non-negative integer; the header is malformed, "
+                             "re-export the image")
+    return int(number)
+
+
+def _dicom_header_and_pixels(path: Path, ds: Any, keep_identifiers: bool, max_pixels: int) -> tuple[Any, ...]:
+    """The pixels and the header fields that matter, from a parsed dataset (may raise anything on bad headers)."""
+    rows, cols = _header_int(path, ds, "Rows", 0), _header_int(path, ds, "Columns", 0)
+    if rows * cols > max_pixels:
+        raise ImageReadError(f"{path}: {cols}x{rows} pixels exceeds the limit of {max_pixels}")
+    frames = _header_int(path, ds, "NumberOfFrames", 1)
+    if frames != 1:
+        raise ImageReadError(f"{path}: DICOM holds {frames} frames; give a single-frame radiograph")
+    raw, colour = _dicom_pixels(path, ds)
+    notes = []
+    raw_sex = str(ds.get("PatientSex", "") or "").strip()
+    sex = _dicom_sex(raw_sex)
+    if raw_sex and sex is None:
+        notes.append("DICOM PatientSex is neither M nor F: sex treated as unknown")
+    raw_age = str(ds.get("PatientAge", "") or "").strip()
+    age = parse_dicom_age(raw_age)
+    if age is None:
+        birth, study = _dicom_date(ds.get("PatientBirthDate")), _dicom_date(ds.get("StudyDate"))
+        if birth and study and study >= birth:
+            age = (study - birth).days / 30.4375
+        if raw_age:
+            notes.append("DICOM PatientAge is not a DICOM age (e.g. 009Y, 111M): "
+                         + ("age taken from the birth and study dates" if age is not None else "ignored"))
+    laterality = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
+    inverse = (str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
+               or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE")
+    identifiers = {}
+    if keep_identifiers:
+        identifiers = {k: str(ds.get(k)) for k in DICOM_IDENTIFIERS if ds.get(k) not in (None, "")}
+    bits = _header_int(path, ds, "BitsStored", 16)
+    return raw, colour, sex, age, laterality, inverse, identifiers, bits, notes
 
 
 def _dicom_pixels(path: Path, ds: Any) -> tuple[np.ndarray, float]:
@@ -244,7 +277,7 @@ def _dicom_pixels(path: Path, ds: Any) -> tuple[np.ndarray, float]:
         hint = (" (compressed DICOM needs pip install 'boneage[dicom]' for pylibjpeg)"
                 if syntax is not None and syntax.is_compressed else "")
         raise ImageReadError(f"{path}: cannot decode DICOM pixel data: {exc}{hint}") from exc
-    if int(ds.get("SamplesPerPixel", 1) or 1) == 3 and raw.ndim == 3:  # RGB secondary capture
+    if _header_int(path, ds, "SamplesPerPixel", 1) == 3 and raw.ndim == 3:  # RGB secondary capture
         return raw.astype(np.float64).mean(axis=-1), colourfulness(raw)
     if raw.ndim != 2:
         raise ImageReadError(f"{path}: DICOM pixel data has shape {raw.shape}; expected one 2-D frame")

@@ -26,14 +26,15 @@ MAX_AGE_MONTHS = 300.0
 Z_LIMIT = 2.0
 
 _AGE_FORMS = (
-    "accepted forms: '111' or '111m' (months), '9y3m', '9y 3m', '9 y 3 m', "
-    "'9 years 3 months', '9y', '9.25y' (years); 0 to 300 months"
+    "accepted forms: '171m' (months), '14y3m', '14y 3m', '14 years 3 months', '14y', '14.25y' (years); "
+    "0 to 300 months, e.g. 9y3m"
 )
 _SEX_FORMS = "accepted values: M, F, male, female, boy, girl (any case), or True/False (True = male)"
 _SEXES = {"m": "M", "male": "M", "boy": "M", "f": "F", "female": "F", "girl": "F"}
 _SEX_WORDS = {"M": "boys", "F": "girls"}
 _NUMBER = r"(\d+(?:\.\d+)?)"
-_MONTHS_ONLY = re.compile(rf"{_NUMBER}\s*(?:m|mo|mos|month|months)?")
+_MONTHS_ONLY = re.compile(rf"{_NUMBER}\s*(?:m|mo|mos|month|months)")
+_BARE_NUMBER = re.compile(rf"{_NUMBER}")
 _YEARS_MONTHS = re.compile(
     rf"{_NUMBER}\s*(?:y|yr|yrs|year|years)\s*,?\s*(?:{_NUMBER}\s*(?:m|mo|mos|month|months))?"
 )
@@ -102,7 +103,10 @@ def sd_for_age(chronological_age_months: float, sex: str) -> float | None:
 
 
 def parse_age(text: str | float | int) -> float:
-    """Age in months from '111', '111m', '9y3m', '9y 3m', '9 years 3 months', '9y' or '9.25y'."""
+    """Age in months from '111m', '9y3m', '9y 3m', '9 years 3 months', '9y' or '9.25y'.
+
+    Text must carry its unit: a bare '14' is refused (a 14-year-old read as 14 months would be scored as
+    wildly advanced). A number (int/float, e.g. the API's ``chronological_age_months``) means months."""
     if isinstance(text, bool):
         raise BoneAgeError(f"invalid age {text!r}: a boolean is not an age; {_AGE_FORMS}")
     if isinstance(text, (int, float, np.integer, np.floating)):
@@ -114,6 +118,9 @@ def parse_age(text: str | float | int) -> float:
         raise BoneAgeError(f"invalid age {text!r}: it is empty; {_AGE_FORMS}")
     if cleaned.startswith("-"):
         raise BoneAgeError(f"invalid age {text!r}: it must not be negative; {_AGE_FORMS}")
+    if _BARE_NUMBER.fullmatch(cleaned):
+        raise BoneAgeError(f"invalid age {text!r}: a number without a unit is ambiguous (months or years?); "
+                           f"write e.g. {cleaned}m for months or {cleaned}y for years; {_AGE_FORMS}")
     match = _MONTHS_ONLY.fullmatch(cleaned)
     if match:
         return _check_months(float(match[1]), text)
@@ -175,7 +182,11 @@ def interpret(
     if sex_code is None:
         reason = "sex not given; the Greulich & Pyle SD tables are sex-specific"
         return _indeterminate(ba, ca, None, diff, reason, comparison)
-    sd = sd_for_age(ca, sex_code)
+    rows = reference_table()[sex_code]
+    lo_age, hi_age = rows[0].chronological_age_months, rows[-1].chronological_age_months
+    # Judge the range on the age as shown (whole months), so "17 y 0 m" is never "outside ... to 17 y 0 m".
+    shown = math.floor(ca + 0.5)
+    sd = sd_for_age(min(max(ca, lo_age), hi_age), sex_code) if lo_age <= shown <= hi_age else None
     if sd is None:
         rows = reference_table()[sex_code]
         reason = (
@@ -185,14 +196,15 @@ def interpret(
         )
         return _indeterminate(ba, ca, sex_code, diff, reason, comparison)
 
-    z = diff / sd
+    # The category is decided on the z-score as shown (2 decimals), so the text cannot contradict itself.
+    z = round(diff / sd, 2) + 0.0
     category = "delayed" if z < -Z_LIMIT else "advanced" if z > Z_LIMIT else "normal"
     label = {
         "delayed": f"delayed, more than {Z_LIMIT:g} SD below",
         "normal": "within normal limits",
         "advanced": f"advanced, more than {Z_LIMIT:g} SD above",
     }[category]
-    z_text = f"{round(z, 1) + 0.0:+.1f}"
+    z_text = f"{z:+.2f}"
     summary = f"{comparison} (z = {z_text}, {label})."
     return Interpretation(ba, ca, sex_code, diff, sd, z, category, None, REFERENCE, summary)
 

@@ -80,6 +80,26 @@ def open_cache(folder: str | Path) -> PreparedCache:
     return PreparedCache(folder, images, index, cfg, reused=True)
 
 
+def remove_abandoned_builds(root: Path) -> list[Path]:
+    """Delete half-built cache folders (``.<key>.*``) whose building process is gone (killed mid-prepare)."""
+    removed = []
+    for tmp in root.glob(".*.*"):
+        pid_file = tmp / "owner.pid"
+        if not tmp.is_dir() or not pid_file.is_file():
+            continue
+        try:
+            pid = int(pid_file.read_text().strip())
+            os.kill(pid, 0)  # raises if no such process
+            continue  # still building (another process): leave it
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError, OSError):
+            continue  # unreadable or not ours to judge
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
 def prepare_cache(
     df: pd.DataFrame,
     cfg: PreprocessConfig,
@@ -100,7 +120,9 @@ def prepare_cache(
     if (folder / "meta.json").is_file():
         return open_cache(folder)
     root.mkdir(parents=True, exist_ok=True)
+    remove_abandoned_builds(root)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    (tmp / "owner.pid").write_text(str(os.getpid()))
     try:
         n = len(df)
         out = np.memmap(tmp / "images.u8", dtype=np.uint8, mode="w+", shape=(max(n, 1), cfg.size, cfg.size))
@@ -145,6 +167,7 @@ def prepare_cache(
         meta = {"key": key, "n": int(len(keep)), "skipped": problems, "preprocess": asdict(cfg),
                 "preprocess_version": PREPROCESS_VERSION}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "owner.pid").unlink()
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished the same cache first

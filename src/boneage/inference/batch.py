@@ -20,12 +20,16 @@ import cv2
 import numpy as np
 
 from boneage.clinical import MAX_AGE_MONTHS, format_age, interpret, parse_age, parse_sex
+from boneage.clinical.interpret import Z_LIMIT
 from boneage.errors import BoneAgeError, CheckpointError
+from boneage.inference.conformal import DEFAULT_LEVEL, METHOD
 from boneage.inference.ensemble import Ensemble
 from boneage.io import ImageMeta, list_images, read_image
 from boneage.preprocess import to_uint8
 from boneage.quality import check_usable
+from boneage.atomic import remove_partial_files
 from boneage.report import empty_record, format_table, write_csv, write_html, write_json, write_png
+from boneage.report.schema import printable
 
 if TYPE_CHECKING:
     from boneage.inference.predictor import Predictor
@@ -43,20 +47,23 @@ class Analysis:
     heatmap: np.ndarray | None  # RGB uint8 Grad-CAM overlay, or None
 
 
-def load_predictor(checkpoints: Sequence[str | Path], *, runtime: str = "torch", tta: bool = True) -> Ensemble:
-    """``Predictor`` (PyTorch checkpoints) or ``OnnxPredictor`` (``boneage export`` files)."""
+def load_predictor(checkpoints: Sequence[str | Path], *, runtime: str = "torch", tta: bool = True,
+                   device: str = "auto") -> Ensemble:
+    """``Predictor`` (PyTorch checkpoints) or ``OnnxPredictor`` (``boneage export`` files) on ``device``
+    (``boneage.device``: auto = a CUDA GPU when there is one)."""
     if runtime == "onnx":
         from boneage.inference.onnx import OnnxPredictor
 
-        return OnnxPredictor(checkpoints, tta=tta)
+        return OnnxPredictor(checkpoints, tta=tta, device=device)
     if runtime != "torch":
         raise BoneAgeError(f"unknown runtime {runtime!r}: use torch or onnx")
     onnx_files = [str(c) for c in checkpoints if str(c).lower().endswith(".onnx")]
     if onnx_files:
         raise CheckpointError(f"{onnx_files[0]} is an ONNX model: add --runtime onnx (or give the .pt checkpoint)")
+    from boneage.device import resolve_device
     from boneage.inference.predictor import Predictor
 
-    return Predictor(checkpoints, tta=tta)
+    return Predictor(checkpoints, tta=tta, device=resolve_device(device))
 
 
 def parse_request(sex: str | None, chronological_age: str | float | None) -> tuple[str | None, float | None]:
@@ -78,7 +85,7 @@ def _model_fields(predictor: Ensemble) -> dict[str, Any]:
 def error_record(predictor: Ensemble, file: str | Path, message: str) -> dict[str, Any]:
     """The record of a file that could not be analysed."""
     record = empty_record(str(file))
-    record.update(_model_fields(predictor), error=" ".join(message.split()))
+    record.update(_model_fields(predictor), error=" ".join(printable(message).split()))
     return record
 
 
@@ -88,7 +95,7 @@ def _round(value: float | None, digits: int) -> float | None:
 
 def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None = None, *,
                   sex: str | None = None, chronological_age: str | float | None = None,
-                  heatmap: bool = True) -> Analysis:
+                  heatmap: bool = True, interval_level: float = DEFAULT_LEVEL) -> Analysis:
     """Analyse a decoded radiograph (``read_image`` output, or any 2-D uint8/uint16 array).
 
     ``sex``/``chronological_age`` override the DICOM header in ``meta``. Raises ``BoneAgeError``
@@ -106,8 +113,7 @@ def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None
     elif meta.sex is not None:
         sex_code, record["sex_source"] = meta.sex, "dicom"
     else:
-        notes.append("sex unknown: the estimate averages the male and female predictions, and no z-score "
-                     "is given (give the sex: F or M)")
+        record["sex_source"] = "unknown"
     ca_source = "cli" if ca is not None else None
     if ca is None and meta.age_months is not None:
         if 0 <= meta.age_months <= MAX_AGE_MONTHS:
@@ -119,13 +125,25 @@ def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None
         notes.append("right hand: the image was mirrored to a left hand before analysis")
 
     male = None if sex_code is None else _MALE[sex_code]
-    months = float(predictor.predict([image], [male])[0])
+    if male is None and any(m.config.model.sex_input for m in predictor.members):
+        as_male, as_female = (float(v) for v in predictor.predict([image, image], [1.0, 0.0]))
+        months = (as_male + as_female) / 2
+        record["bone_age_by_sex_months"] = {"M": round(as_male, 1), "F": round(as_female, 1)}
+        notes.append(f"sex unknown: {as_female:.1f} months if female, {as_male:.1f} months if male; the bone age "
+                     "shown is their mean, and no z-score or category is given (give the sex: F or M)")
+    else:
+        months = float(predictor.predict([image], [male])[0])
     bone_age = float(np.clip(months, 0.0, MAX_AGE_MONTHS))
     if bone_age != months:
         notes.append(f"the model's raw output {months:.1f} months was clipped to {bone_age:.0f}; "
                      "check that this is a pediatric hand radiograph")
     result = interpret(bone_age, ca, sex_code)
     record.update(_model_fields(predictor))
+    by_sex = record.get("bone_age_by_sex_months")
+    centres = (months, months) if not by_sex else (min(as_male, as_female), max(as_male, as_female))
+    record.update(_interval_fields(predictor, centres, interval_level, notes))
+    record.update(_range_fields(result, record["bone_age_interval_months"], record["interval_level"],
+                                predictor.mae_months, notes))
     record.update(
         bone_age_months=round(bone_age, 1), bone_age_text=format_age(bone_age),
         chronological_age_months=_round(ca, 1), chronological_age_text=None if ca is None else format_age(ca),
@@ -144,6 +162,54 @@ def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None
     elif heatmap:
         notes.append("no heatmap: Grad-CAM needs the PyTorch runtime")
     return Analysis(record, _display(image), overlay)
+
+
+def _interval_fields(predictor: Ensemble, centres: tuple[float, float], level: float,
+                     notes: list[str]) -> dict[str, Any]:
+    """The conformal prediction interval (``boneage.inference.conformal``) around the raw estimate; with the sex
+    unknown, around both sexes' estimates (``centres`` = the lower and the higher)."""
+    months = (centres[0] + centres[1]) / 2
+    half = predictor.interval_half_width(np.array([months]), level)
+    if half is None:
+        notes.append("no prediction interval: the checkpoint has no calibration residuals (written before "
+                     "report schema 1.1); retrain to get one")
+        return {"bone_age_interval_months": None, "interval_level": None, "interval_method": None}
+    lo, hi = max(0.0, centres[0] - float(half[0])), min(MAX_AGE_MONTHS, centres[1] + float(half[0]))
+    return {"bone_age_interval_months": [round(lo, 1), round(hi, 1)], "interval_level": level,
+            "interval_method": f"{METHOD}, n={min(m.calibration.n for m in predictor.members)}"}  # type: ignore
+
+
+def _range_fields(result: Any, interval: list[float] | None, level: float | None, mae: float | None,
+                  notes: list[str]) -> dict[str, Any]:
+    """The normal range (chronological age +/- 2 SD) and what the interval says about the category."""
+    if result.sd_months is None or result.chronological_age_months is None:
+        return {"normal_range_months": None, "category_certainty": None}
+    ca, sd = result.chronological_age_months, result.sd_months
+    lo, hi = ca - Z_LIMIT * sd, ca + Z_LIMIT * sd
+    certainty = None
+    if interval is not None:
+        certainty = _certainty(interval, lo, hi, f"{100 * (level or 0):.0f}%")
+    if mae is not None and mae > sd:
+        notes.append(f"at this age the Greulich & Pyle SD ({sd:.1f} months) is smaller than the model's mean absolute "
+                     f"error ({mae:.1f} months): the category mostly reflects model error")
+    return {"normal_range_months": [round(lo, 1), round(hi, 1)], "category_certainty": certainty}
+
+
+def _certainty(interval: list[float], lo: float, hi: float, pct: str) -> str:
+    """What the prediction interval says about the category, in a radiologist's words."""
+    a, b = interval
+    if lo <= a and b <= hi:
+        return f"the whole {pct} prediction interval lies within the normal range"
+    if a > hi:
+        return f"advanced beyond the model's uncertainty: the whole {pct} prediction interval is above the normal range"
+    if b < lo:
+        return f"delayed beyond the model's uncertainty: the whole {pct} prediction interval is below the normal range"
+    if a < lo and b > hi:
+        return (f"indeterminate: the {pct} prediction interval spans the whole normal range (the model's error is "
+                "larger than the normal spread at this age)")
+    side, state = ("upper", "advanced") if b > hi else ("lower", "delayed")
+    return (f"borderline: the {pct} prediction interval crosses the {side} limit of normal; {state} bone age can be "
+            "neither confirmed nor excluded")
 
 
 def _display(image: np.ndarray) -> np.ndarray:
@@ -169,7 +235,7 @@ def write_outputs(record: dict[str, Any], analysis: Analysis | None, out_dir: st
 def predict_file(predictor: Ensemble, path: str | Path, *, sex: str | None = None,
                  chronological_age: str | float | None = None, right_hand: bool | None = None,
                  keep_identifiers: bool = False, heatmap: bool = True, out_dir: str | Path | None = None,
-                 stem: str | None = None) -> dict[str, Any]:
+                 stem: str | None = None, interval_level: float = DEFAULT_LEVEL) -> dict[str, Any]:
     """Read, check and analyse one file; write its reports to ``out_dir`` (if given); return the record.
 
     A bad file (unreadable, unusable, invalid sex/age) gives a record with ``error`` set, not an
@@ -179,7 +245,7 @@ def predict_file(predictor: Ensemble, path: str | Path, *, sex: str | None = Non
     try:
         image, meta = read_image(path, right_hand=right_hand, keep_identifiers=keep_identifiers)
         analysis = predict_array(predictor, image, meta, sex=sex, chronological_age=chronological_age,
-                                 heatmap=heatmap and out_dir is not None)
+                                 heatmap=heatmap and out_dir is not None, interval_level=interval_level)
         record = analysis.record
     except BoneAgeError as exc:
         message = str(exc)
@@ -194,8 +260,9 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     seen: Counter[str] = Counter()
     stems = []
     for p in paths:
-        seen[p.stem] += 1
-        stems.append(p.stem if seen[p.stem] == 1 else f"{p.stem}-{seen[p.stem]}")
+        stem = printable(p.stem)
+        seen[stem] += 1
+        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
     return stems
 
 
@@ -205,18 +272,20 @@ def run_predict(args: argparse.Namespace) -> int:
     paths = list_images(args.paths)
     if not paths:
         raise BoneAgeError(f"no images found in {' '.join(args.paths)} (PNG, JPEG or DICOM files, folders, globs)")
-    predictor = load_predictor(args.checkpoint, runtime=args.runtime, tta=args.tta)
+    predictor = load_predictor(args.checkpoint, runtime=args.runtime, tta=args.tta,
+                               device=getattr(args, "device", "auto"))
     if args.heatmap and predictor.runtime != "torch" and args.out:
         print("boneage predict: note: no Grad-CAM heatmaps with --runtime onnx (they need PyTorch)", file=sys.stderr)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
+        remove_partial_files(args.out)  # temp files of writes killed in an earlier run
     records = []
     for path, stem in zip(paths, unique_stems(paths)):
         try:
             record = predict_file(predictor, path, sex=sex, chronological_age=ca,
                                   right_hand=True if args.right_hand else None,
                                   keep_identifiers=args.keep_identifiers, heatmap=args.heatmap,
-                                  out_dir=args.out, stem=stem)
+                                  out_dir=args.out, stem=stem or "image", interval_level=args.interval_level)
         except Exception as exc:  # a batch goes on past anything one file can cause
             record = error_record(predictor, path, f"{path}: unexpected error ({type(exc).__name__}: {exc})")
             if args.out:
@@ -226,7 +295,7 @@ def run_predict(args: argparse.Namespace) -> int:
         records.append(record)
     print(format_table(records))
     model = _model_fields(predictor)
-    print(f"model: {', '.join(model['models'])}"
+    print(f"model: {', '.join(model['models'])} ({predictor.device_label})"
           + (f"; measured validation MAE {model['model_mae_months']:.1f} months"
              if model["model_mae_months"] is not None else "")
           + "; research use only, not a certified medical device")

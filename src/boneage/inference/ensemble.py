@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from boneage.config import Config, PreprocessConfig
+from boneage.inference.conformal import Calibration
 from boneage.preprocess import preprocess
 
 # (rotation degrees, x shift, y shift as a fraction of the size); the first view is the image itself
@@ -34,6 +35,9 @@ class EnsembleMember(Protocol):
 
     @property
     def mae_months(self) -> float | None: ...
+
+    @property
+    def calibration(self) -> Calibration | None: ...
 
 
 def tta_views(image: np.ndarray, hflip: bool) -> list[np.ndarray]:
@@ -77,6 +81,11 @@ class Ensemble(ABC):
     tta: bool
     runtime: str  # "torch" | "onnx"
 
+    @property
+    def device_label(self) -> str:
+        """Where the models run, in words (e.g. "PyTorch on cpu", "ONNX Runtime, CUDAExecutionProvider")."""
+        return self.runtime
+
     @abstractmethod
     def predict_member(self, member: Any, images: np.ndarray, male: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Months for preprocessed uint8 images [N, S, S] with one member; NaN sex = mean of both sexes."""
@@ -95,6 +104,20 @@ class Ensemble(ABC):
         """The members' mean validation MAE, as measured in training (what reports quote)."""
         values = [m.mae_months for m in self.members if m.mae_months is not None]
         return float(np.mean(values)) if values else None
+
+    @property
+    def calibrated(self) -> bool:
+        """Every member carries validation residuals for prediction intervals (checkpoints since schema 1.1)."""
+        return all(m.calibration is not None for m in self.members)
+
+    def interval_half_width(self, months: np.ndarray, level: float) -> np.ndarray | None:
+        """Conformal half-widths for ensemble predictions ``months``: the mean of the members' (each member's
+        residuals are those of a single model, so an ensemble's interval errs on the wide side); ``None`` when
+        a member has no calibration."""
+        if not self.calibrated:
+            return None
+        return np.mean([m.calibration.half_width(months, level) for m in self.members  # type: ignore[union-attr]
+                        ], axis=0)
 
     def predict_preprocessed(self, by_config: dict[int, np.ndarray], male: np.ndarray) -> np.ndarray:
         """Ensemble mean; ``by_config[i]`` holds the images preprocessed with ``preprocess_configs[i]``."""

@@ -10,14 +10,21 @@ import numpy as np
 from boneage.data.cache import default_cache_dir, prepare_cache
 from boneage.data.rsna import read_labels
 from boneage.evaluation import evaluation_report, save_plots, write_results
+from boneage.clinical import MAX_AGE_MONTHS
+from boneage.device import resolve_device
+from boneage.inference.conformal import DEFAULT_LEVEL, METHOD
 from boneage.inference.predictor import Predictor
 
 
 def evaluate(checkpoints: Sequence[str | Path], images: str | Path, labels: str | Path, out_dir: str | Path, *,
              tta: bool = False, cache_dir: str | Path | None = None, skip_bad: bool = False,
-             workers: int | None = None) -> dict:
-    """Predict every labelled image through the same cache/preprocessing as training; write results."""
-    predictor = Predictor(list(checkpoints), tta=tta)
+             workers: int | None = None, interval_level: float = DEFAULT_LEVEL, device: str = "auto") -> dict:
+    """Predict every labelled image through the same cache/preprocessing as training; write results.
+
+    With calibrated checkpoints the report also gives how often the conformal prediction interval at
+    ``interval_level`` held the label (``interval``): on images the checkpoint was not calibrated on, the
+    held-out coverage; on its own validation split it is only a consistency check."""
+    predictor = Predictor(list(checkpoints), tta=tta, device=resolve_device(device))
     df = read_labels(labels, images, skip_bad=skip_bad)
     caches = [prepare_cache(df, cfg, cache_dir or default_cache_dir(), workers=workers, skip_bad=skip_bad)
               for cfg in predictor.preprocess_configs]
@@ -30,8 +37,19 @@ def evaluate(checkpoints: Sequence[str | Path], images: str | Path, labels: str 
     table["predicted"] = predictor.predict_preprocessed(by_config, table["male"].to_numpy(dtype=np.float32))
     train_mean = float(np.mean([m.mean for m in predictor.members]))
     report = evaluation_report(table, train_mean=train_mean)
+    half = predictor.interval_half_width(table["predicted"].to_numpy(), interval_level)
+    if half is not None:
+        table["interval_low"] = np.clip(table["predicted"] - half, 0.0, MAX_AGE_MONTHS)
+        table["interval_high"] = np.clip(table["predicted"] + half, 0.0, MAX_AGE_MONTHS)
+        hit = (table["boneage"] >= table["interval_low"]) & (table["boneage"] <= table["interval_high"])
+        report["interval"] = {"level_pct": round(100 * interval_level, 1), "n": int(len(table)),
+                              "coverage_pct": round(100 * float(hit.mean()), 2),
+                              "mean_width_months": round(float(np.mean(table["interval_high"] - table["interval_low"])),
+                                                         2),
+                              "method": METHOD}
     report["checkpoints"] = [str(c) for c in checkpoints]
     report["tta"] = tta
+    report["device"] = predictor.device_label
     report["labels"] = str(labels)
     write_results(table, report, out_dir)
     report["plots"] = [str(p) for p in save_plots(table, out_dir)]

@@ -21,17 +21,20 @@ warning. It takes 5-20 s on a laptop CPU.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 from boneage import __version__
+from boneage.atomic import atomic_path
 from boneage.config import Config
 from boneage.errors import CheckpointError
+from boneage.device import onnx_providers
+from boneage.inference.conformal import Calibration
 from boneage.inference.ensemble import Ensemble, average_views
 
 META_PREFIX = "boneage."
@@ -69,7 +72,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
                       f"using {MIN_OPSET}", stacklevel=2)
         opset = MIN_OPSET
     batch = torch.export.Dim("batch")
-    tmp = out.with_name(f".{out.name}.tmp")  # written whole, then renamed: no half-written model at ``out``
     mae = (state.get("metrics") or {}).get("mae_months")
     meta = {
         "config": json.dumps(cfg.to_dict()),
@@ -81,10 +83,11 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
         "sex_input": json.dumps(cfg.model.sex_input),
         "input_size": str(size),
         "model_mae_months": "" if mae is None else repr(float(mae)),
+        "calibration": json.dumps(state["calibration"]) if state.get("calibration") else "",
         "checkpoint": Path(checkpoint).name,
         "version": __version__,
     }
-    try:
+    with atomic_path(out) as tmp:  # written whole, then renamed: no half-written model at ``out``
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # notes on the shared batch dimension's name
             torch.onnx.export(Months().eval(), inputs, str(tmp), input_names=["image", "male"][:len(inputs)],
@@ -94,9 +97,6 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
         onnx.helper.set_model_props(proto, {META_PREFIX + k: v for k, v in meta.items()})
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -124,13 +124,19 @@ class OnnxMember:
         value = self.metadata.get("model_mae_months", "")
         return float(value) if value else None
 
+    @cached_property
+    def calibration(self) -> Calibration | None:
+        text = self.metadata.get("calibration", "")
+        return Calibration.from_state(json.loads(text)) if text else None
+
 
 class OnnxPredictor(Ensemble):
     """The ``Predictor`` interface on ONNX Runtime: same preprocessing, TTA and ensembling, no torch."""
 
     runtime = "onnx"
 
-    def __init__(self, paths: Sequence[str | Path], *, tta: bool = False, threads: int | None = None) -> None:
+    def __init__(self, paths: Sequence[str | Path], *, tta: bool = False, threads: int | None = None,
+                 device: str = "cpu") -> None:
         import onnxruntime as ort
 
         from boneage.transforms import build_transforms
@@ -144,16 +150,22 @@ class OnnxPredictor(Ensemble):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
+        providers = onnx_providers(device)
         for path in paths:
             if not Path(path).is_file():
                 raise CheckpointError(f"ONNX model {path} not found; write one with 'boneage export'")
             try:
-                session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                session = ort.InferenceSession(str(path), options, providers=providers)
             except Exception as exc:
                 raise CheckpointError(f"{path} is not a readable ONNX model ({exc})") from exc
             meta = read_metadata(session, path)
             cfg = Config.from_dict(json.loads(meta["config"]), source=f"{path} metadata")
             self.members.append(OnnxMember(str(path), session, cfg, meta, build_transforms(cfg.augment, "eval")))
+
+    @property
+    def device_label(self) -> str:
+        ran = self.members[0].session.get_providers()[0] if self.members else "none"
+        return f"ONNX Runtime, {ran}"
 
     def predict_member(self, member: OnnxMember, images: np.ndarray, male: np.ndarray,
                        batch_size: int = 32) -> np.ndarray:

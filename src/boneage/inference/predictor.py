@@ -9,6 +9,7 @@ and shifts (and a flip only if the model was trained with flips): see ``boneage.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ import torch
 from boneage.checkpoint import model_from_checkpoint
 from boneage.config import Config
 from boneage.errors import CheckpointError
+from boneage.inference.conformal import Calibration
 from boneage.inference.ensemble import Ensemble, average_views
 from boneage.transforms import build_transforms
 
@@ -45,6 +47,10 @@ class Member:
         value = (self.state.get("metrics") or {}).get("mae_months")
         return None if value is None else float(value)
 
+    @cached_property
+    def calibration(self) -> Calibration | None:
+        return Calibration.from_state(self.state.get("calibration"))
+
 
 class Predictor(Ensemble):
     """An ensemble of checkpoints (one or more) ready to predict with PyTorch."""
@@ -63,6 +69,10 @@ class Predictor(Ensemble):
                 raise CheckpointError(f"{path} is a '{cfg.model.task}' model; bone age needs task=age")
             member = Member(str(path), model.to(self.device), cfg, state, build_transforms(cfg.augment, "eval"))
             self.members.append(member)
+
+    @property
+    def device_label(self) -> str:
+        return f"PyTorch on {self.device}"
 
     @torch.inference_mode()
     def predict_member(self, member: Member, images: np.ndarray, male: np.ndarray,

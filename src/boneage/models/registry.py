@@ -51,6 +51,14 @@ def create_model(
     task: ``"age"`` (normalised age regression) or ``"sex"`` (a logit; needs ``sex_input=False``).
     pretrained: ``True`` for ImageNet weights (downloaded), or the path of a local state_dict file.
     """
+    builder, kwargs = check_model_args(name, task=task, sex_input=sex_input, dropout=dropout, width=width)
+    return builder(task=task, sex_input=sex_input, pretrained=pretrained, dropout=dropout, width=width, **kwargs)
+
+
+def check_model_args(name: str, *, task: str = "age", sex_input: bool = True, dropout: float = 0.2,
+                     width: float = 1.0) -> tuple[Callable[..., nn.Module], dict[str, str]]:
+    """Validate ``create_model``'s arguments without building anything (the trainer calls it before the
+    cache is built); returns the builder and its extra arguments."""
     if task not in TASKS:
         raise ConfigError(f"model.task must be one of {', '.join(TASKS)}, got '{task}'")
     if task == "sex" and sex_input:
@@ -60,8 +68,9 @@ def create_model(
     if width <= 0:
         raise ConfigError(f"model.width must be positive, got {width}")
     if name.startswith("timm:"):
-        from boneage.models.timm_models import create_timm_model
+        from boneage.models.timm_models import check_timm_name, create_timm_model
 
+        check_timm_name(name[len("timm:"):])
         builder: Callable[..., nn.Module] = create_timm_model
         kwargs = {"name": name[len("timm:"):]}
     elif name in _REGISTRY:
@@ -71,7 +80,7 @@ def create_model(
             f"unknown model '{name}'; available: {', '.join(list_models())}, "
             "or timm:<name> for any timm backbone (e.g. timm:efficientnet_b0)"
         )
-    return builder(task=task, sex_input=sex_input, pretrained=pretrained, dropout=dropout, width=width, **kwargs)
+    return builder, kwargs
 
 
 def scale_channels(channels: int, width: float, divisor: int = 8) -> int:

@@ -21,6 +21,18 @@ def _as_tuple(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...
     return (value,) if isinstance(value, str) else tuple(value)
 
 
+def check_timm_name(name: str) -> None:
+    """timm is installed and knows ``name``; a clear ConfigError otherwise."""
+    try:
+        import timm
+    except ImportError as exc:
+        raise ConfigError(f"model 'timm:{name}' needs timm: pip install 'boneage[timm]'") from exc
+    if not timm.is_model(name):
+        raise ConfigError(
+            f"unknown timm model '{name}'; list them with python -c 'import timm; print(timm.list_models())'"
+        )
+
+
 def create_timm_model(
     name: str, *, task: str, sex_input: bool, pretrained: bool | str, dropout: float, width: float
 ) -> BoneAgeNet:
@@ -28,15 +40,10 @@ def create_timm_model(
 
     ``cam_layer`` is the module of the deepest entry of timm's ``feature_info`` (its last stage).
     """
-    try:
-        import timm
-        from timm.models import adapt_input_conv
-    except ImportError as exc:
-        raise ConfigError(f"model 'timm:{name}' needs timm: pip install 'boneage[timm]'") from exc
-    if not timm.is_model(name):
-        raise ConfigError(
-            f"unknown timm model '{name}'; list them with python -c 'import timm; print(timm.list_models())'"
-        )
+    check_timm_name(name)
+    import timm
+    from timm.models import adapt_input_conv
+
     require_unit_width(f"timm:{name}", width)
     if pretrained is True:
         try:

@@ -6,11 +6,16 @@ import csv
 from pathlib import Path
 from typing import Any, Sequence
 
+from boneage.atomic import atomic_write
 from boneage.io import DICOM_IDENTIFIERS
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs cells that start so as formulas
+
 COLUMNS = (
-    "file", "error", "bone_age_months", "bone_age_text", "chronological_age_months", "chronological_age_source",
-    "sex", "sex_source", "difference_months", "sd_months", "z_score", "category", "model_mae_months",
+    "file", "error", "bone_age_months", "bone_age_text", "interval_low_months", "interval_high_months",
+    "interval_level", "chronological_age_months", "chronological_age_source",
+    "sex", "sex_source", "difference_months", "sd_months", "z_score", "category", "category_certainty",
+    "model_mae_months",
     "models", "runtime", "tta", "mirrored", "heatmap", "warnings",
 )
 
@@ -19,7 +24,9 @@ def _cell(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
-        return "; ".join(str(v) for v in value)
+        value = "; ".join(str(v) for v in value)
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value  # OWASP's advice against CSV injection: shown as text, never evaluated
     return value
 
 
@@ -28,10 +35,13 @@ def write_csv(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     with_ids = any(r.get("identifiers") for r in records)
     columns = COLUMNS + (DICOM_IDENTIFIERS if with_ids else ())
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_write(path, "w", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(columns)
         for r in records:
             ids = r.get("identifiers") or {}
-            writer.writerow([_cell(r.get(c)) for c in COLUMNS] + [ids.get(c, "") for c in columns[len(COLUMNS):]])
+            interval = r.get("bone_age_interval_months") or (None, None)
+            r = {**r, "interval_low_months": interval[0], "interval_high_months": interval[1]}
+            writer.writerow([_cell(r.get(c)) for c in COLUMNS]
+                            + [_cell(ids.get(c, "")) for c in columns[len(COLUMNS):]])
     return path

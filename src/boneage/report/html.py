@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from boneage.atomic import write_text
+from boneage.clinical import format_age
 from boneage.report.images import png_bytes
 from boneage.report.schema import DISCLAIMER_DETAIL, RUO_NOTICE
 
@@ -73,16 +75,26 @@ def render_html(record: dict[str, Any], radiograph: np.ndarray | None = None,
         parts.append(f'<div class="error"><strong>Not analysed:</strong> {e(r["error"])}</div>')
     else:
         category = r["category"]
+        certainty = (r.get("category_certainty") or "").split(":")[0]
+        word = f"{category} ({certainty})" if certainty in ("borderline", "indeterminate") else category
         badge = (f'<span class="badge" style="background:{_CATEGORY_COLOURS.get(category, "#6b7280")}">'
-                 f'{e(category)}</span>' if category else "")
+                 f'{e(word)}</span>' if category else "")
         parts.append(f'<div class="result"><span class="ba">Bone age {e(r["bone_age_text"])}</span>{badge}</div>')
         parts.append(f'<p class="summary">{e(r["summary"] or "")}</p>')
         mae = r["model_mae_months"]
-        mae_text = (f"&plusmn;{mae:.1f} months mean absolute error on the models' validation data"
+        mae_text = (f"mean absolute error {mae:.1f} months on held-out validation images"
                     if mae is not None else "not recorded in the checkpoint")
+        interval = r.get("bone_age_interval_months")
+        if interval:
+            interval_text = e(f"{format_age(interval[0])} to {format_age(interval[1])} "
+                              f"({interval[0]:.0f}-{interval[1]:.0f} months), {100 * r['interval_level']:.0f}% "
+                              f"prediction interval ({r['interval_method']})")
+        else:
+            interval_text = "none: the checkpoint has no calibration residuals (an older checkpoint; retrain it)"
         ca_source = _SOURCES.get(r["chronological_age_source"] or "", "")
         parts.append("<table>" + _rows([
             ("Bone age", _months(r["bone_age_months"], r["bone_age_text"])),
+            ("Prediction interval", interval_text),
             ("Chronological age", _months(r["chronological_age_months"], r["chronological_age_text"])
              + (f" &middot; {e(ca_source)}" if ca_source else "")),
             ("Sex", f'{e(r["sex"] or "unknown")} &middot; {e(_SOURCES[r["sex_source"]])}'),
@@ -90,7 +102,11 @@ def render_html(record: dict[str, Any], radiograph: np.ndarray | None = None,
             ("Greulich &amp; Pyle SD", _months(r["sd_months"])),
             ("z-score", "&mdash;" if r["z_score"] is None else e(f'{r["z_score"]:+.2f}')),
             ("Category", e(category or "not compared (no chronological age)")
-             + (f' &middot; {e(r["category_reason"])}' if r["category_reason"] else "")),
+             + (f' &middot; {e(r["category_reason"])}' if r["category_reason"] else "")
+             + (f' &middot; {e(r["category_certainty"])}' if r.get("category_certainty") else "")),
+            ("Normal range", "&mdash;" if not r.get("normal_range_months") else e(
+                f'{format_age(r["normal_range_months"][0])} to {format_age(r["normal_range_months"][1])} '
+                f'(chronological age \u00b1 2 SD; {r["reference_standard"]})')),
             ("Model's measured error", mae_text),
             ("Models", e(", ".join(f"{m} ({a})" for m, a in zip(r["models"], r["architectures"])))),
             ("Runtime", e(f'{r["runtime"]}, test-time augmentation {"on" if r["tta"] else "off"}')),
@@ -124,6 +140,4 @@ def render_html(record: dict[str, Any], radiograph: np.ndarray | None = None,
 def write_html(record: dict[str, Any], path: str | Path, radiograph: np.ndarray | None = None,
                heatmap: np.ndarray | None = None) -> Path:
     """Write the report page to ``path``."""
-    path = Path(path)
-    path.write_text(render_html(record, radiograph, heatmap), encoding="utf-8")
-    return path
+    return write_text(path, render_html(record, radiograph, heatmap))

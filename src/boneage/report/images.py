@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from boneage.atomic import write_bytes
+
 
 def png_bytes(image: np.ndarray) -> bytes:
     """uint8 gray [H, W] or RGB [H, W, 3] -> PNG bytes."""
@@ -18,6 +20,4 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def write_png(image: np.ndarray, path: str | Path) -> Path:
     """Write ``image`` as a PNG file."""
-    path = Path(path)
-    path.write_bytes(png_bytes(image))
-    return path
+    return write_bytes(path, png_bytes(image))

@@ -12,7 +12,8 @@ from typing import Any
 from boneage import __version__
 from boneage.clinical import REFERENCE as GP_REFERENCE
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: the interval fields, bone_age_by_sex_months, normal range, certainty, standard
+REFERENCE_STANDARD = "Greulich & Pyle, Brush Foundation standard deviations"
 RUO_NOTICE = "Research use only \u2014 not a certified medical device"
 DISCLAIMER_DETAIL = (
     "This estimate must not be used for diagnosis or treatment; a qualified clinician must read the radiograph."
@@ -27,20 +28,31 @@ REFERENCES = (GP_REFERENCE, RSNA_REFERENCE)
 FIELDS = (
     "schema_version", "file", "error",
     "bone_age_months", "bone_age_text",
+    "bone_age_interval_months", "interval_level", "interval_method", "bone_age_by_sex_months",
     "chronological_age_months", "chronological_age_text", "chronological_age_source",
     "sex", "sex_source",
     "difference_months", "sd_months", "z_score", "category", "category_reason", "summary",
+    "normal_range_months", "category_certainty", "reference_standard",
     "model_mae_months", "models", "architectures", "runtime", "tta",
     "mirrored", "image", "heatmap", "warnings",
     "references", "disclaimer", "boneage_version", "identifiers",
 )
 
 
+def printable(text: str) -> str:
+    """``text`` as valid Unicode: a file name's undecodable bytes (held as surrogates) become U+FFFD.
+
+    Records, reports, logs and CSV cells carry this form, so a non-UTF-8 file name can never make a
+    writer raise ``UnicodeEncodeError`` halfway through a batch."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def empty_record(file: str) -> dict[str, Any]:
     """A record with every field: nulls, an empty warnings list and the fixed texts filled in."""
     record: dict[str, Any] = dict.fromkeys(FIELDS)
     record.update(
-        schema_version=SCHEMA_VERSION, file=file, sex_source="unknown", warnings=[],
+        schema_version=SCHEMA_VERSION, file=printable(str(file)), sex_source="unknown", warnings=[],
+        reference_standard=REFERENCE_STANDARD,
         references=list(REFERENCES), disclaimer=DISCLAIMER, boneage_version=__version__,
     )
     return record

@@ -24,6 +24,7 @@ DICOM patient identifiers are never read into a record here, and no file name is
 
 from __future__ import annotations
 
+import html
 import logging
 import platform
 import time
@@ -43,7 +44,8 @@ from boneage.errors import BoneAgeError
 from boneage.inference.batch import parse_request
 from boneage.report import render_html
 from boneage.report.schema import RUO_NOTICE
-from boneage.serve.middleware import SecurityHeadersMiddleware, UploadLimitMiddleware
+from boneage.serve.middleware import (
+    UPLOAD_IDLE_TIMEOUT_S, HostOriginMiddleware, SecurityHeadersMiddleware, UploadLimitMiddleware)
 from boneage.serve.schemas import (API, MULTIPART_OVERHEAD, _REPORT_CSP, ErrorResponse, HealthResponse,  # noqa: F401
                                    ImageInfo, ModelResponse, PredictResponse, ReportRecord, _errors)
 from boneage.serve.service import ApiError, ReportStore, Service, _blank_to_none, display_name  # noqa: F401
@@ -76,16 +78,22 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 def create_app(checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0, workers: int = 2,
                tta: bool = True, heatmap: bool = True, max_queue: int = 32, report_cache: int = 32,
-               warmup: bool = True) -> FastAPI:
+               warmup: bool = True, interval_level: float = 0.9,
+               allowed_hosts: Sequence[str] | None = None,
+               upload_idle_timeout_s: float = UPLOAD_IDLE_TIMEOUT_S, device: str = "auto") -> FastAPI:
     """The FastAPI app with the model(s) loaded; ``CheckpointError`` if a checkpoint cannot be used.
 
     ``workers`` inference threads; uploads over ``max_upload_mb`` get 413; at most ``max_queue`` analyses
     run or wait (503 beyond); the last ``report_cache`` reports are kept; ``warmup`` runs one dummy
-    prediction at start-up so that the first request is not slow.
+    prediction at start-up so that the first request is not slow. ``allowed_hosts``: the names the ``Host``
+    header may carry (``boneage serve`` passes the loopback names for a loopback bind); cross-site POSTs
+    are always refused (``HostOriginMiddleware``).
     """
     service = Service(checkpoints, max_upload_mb=max_upload_mb, workers=workers, tta=tta, heatmap=heatmap,
-                      max_queue=max_queue, report_cache=report_cache, warmup=warmup)
+                      max_queue=max_queue, report_cache=report_cache, warmup=warmup, interval_level=interval_level,
+                      device=device)
     app = FastAPI(
+        docs_url=None, redoc_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN: not offline
         title="boneage",
         version=__version__,
         description=("Pediatric bone age from a left-hand radiograph (PNG, JPEG or DICOM). "
@@ -93,8 +101,10 @@ def create_app(checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0
     )
     app.state.service = service
     predict_path = f"{API}/predict"
-    app.add_middleware(UploadLimitMiddleware, service=service, paths=(predict_path,))
+    app.add_middleware(UploadLimitMiddleware, service=service, paths=(predict_path,),
+                       idle_timeout_s=upload_idle_timeout_s)
     app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(HostOriginMiddleware, allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts))
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -121,15 +131,22 @@ def create_app(checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0
         image: UploadFile = File(..., description="left-hand radiograph: PNG, JPEG or DICOM"),
         sex: str | None = Form(None, description="F or M (also female/male/girl/boy); default: DICOM PatientSex, "
                                                  "else unknown (both sexes averaged, no z-score)"),
-        chronological_age: str | None = Form(None, description="e.g. '9y3m', '9y', '111' (months); default: "
-                                                               "from the DICOM header"),
+        chronological_age: str | None = Form(None, description="with its unit: e.g. '9y3m', '9.25y', '111m' (a "
+                                                               "bare number is refused); default: the DICOM header"),
+        chronological_age_months: float | None = Form(None, description="the same as a number of months, e.g. 111; "
+                                                                        "give this or chronological_age, not both"),
         right_hand: bool = Form(False, description="the image shows a right hand: mirror it"),
     ) -> JSONResponse:
         """The same JSON record as ``boneage predict`` (SCHEMA.md), with the clinical interpretation,
         the Grad-CAM heatmap as a base64 PNG and links to the kept HTML/JSON report."""
         sex, chronological_age = _blank_to_none(sex), _blank_to_none(chronological_age)
+        age: str | float | None = chronological_age
+        if chronological_age_months is not None:
+            if chronological_age is not None:
+                raise ApiError(422, "give chronological_age (with its unit) or chronological_age_months, not both")
+            age = chronological_age_months
         try:
-            parse_request(sex, chronological_age)  # bad sex/age: 422 before any work on the image
+            parse_request(sex, age)  # bad sex/age: 422 before any work on the image
         except BoneAgeError as exc:
             raise ApiError(422, str(exc)) from exc
         if image.size is not None and image.size > service.max_upload_bytes:
@@ -137,9 +154,24 @@ def create_app(checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0
         name = display_name(image.filename)
         started = time.perf_counter()
         with service.admit():
-            result = await service.run(service.analyse, image.file, name, sex, chronological_age, right_hand)
+            result = await service.run(service.analyse, image.file, name, sex, age, right_hand)
         log.debug("predict took %.0f ms", (time.perf_counter() - started) * 1000)
         return JSONResponse(result)
+
+    @app.get("/docs", include_in_schema=False, response_class=HTMLResponse)
+    async def docs() -> HTMLResponse:
+        """Offline API documentation: the routes from the OpenAPI schema, and a link to the schema itself."""
+        spec = app.openapi()
+        rows = "".join(f"<tr><td><code>{html.escape(method.upper())}</code></td><td><code>{html.escape(path)}</code>"
+                       f"</td><td>{html.escape(op.get('summary', ''))}</td></tr>"
+                       for path, ops in spec["paths"].items() for method, op in ops.items())
+        return HTMLResponse(
+            "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>boneage API</title></head><body>"
+            f"<h1>boneage API {html.escape(__version__)}</h1><p>The full OpenAPI 3 schema is "
+            "<a href=\"/openapi.json\">/openapi.json</a>: open it in any OpenAPI viewer or client generator. "
+            "(This server works offline, so it loads no Swagger UI from the internet.)</p>"
+            f"<table><tr><th>method</th><th>path</th><th>what</th></tr>{rows}</table>"
+            f"<p>{html.escape(RUO_NOTICE)}.</p></body></html>")
 
     @app.get(f"{API}/health", tags=["api"], response_model=HealthResponse, summary="Liveness and versions")
     async def health() -> dict[str, Any]:

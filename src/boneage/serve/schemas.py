@@ -30,13 +30,19 @@ class ImageInfo(BaseModel):
 
 
 class ReportRecord(BaseModel):
-    """The ``boneage predict`` JSON record (schema 1.0, see SCHEMA.md)."""
+    """The ``boneage predict`` JSON record (schema 1.1, see SCHEMA.md)."""
 
     schema_version: str
     file: str = Field(description="the upload's file name")
     error: str | None
     bone_age_months: float | None
     bone_age_text: str | None
+    bone_age_interval_months: list[float] | None = Field(
+        description="[low, high] conformal prediction interval in months (null: checkpoint without calibration)")
+    interval_level: float | None = Field(description="the interval's nominal coverage, e.g. 0.9")
+    interval_method: str | None
+    bone_age_by_sex_months: dict[str, float] | None = Field(
+        description="sex unknown: the estimate for each sex ({'M': .., 'F': ..}); bone_age_months is their mean")
     chronological_age_months: float | None
     chronological_age_text: str | None
     chronological_age_source: str | None = Field(description="'cli' (given in the request) or 'dicom'")
@@ -48,6 +54,9 @@ class ReportRecord(BaseModel):
     category: str | None
     category_reason: str | None
     summary: str | None
+    normal_range_months: list[float] | None = Field(description="chronological age +/- 2 SD, months")
+    category_certainty: str | None = Field(description="what the prediction interval says about the category")
+    reference_standard: str
     model_mae_months: float | None
     models: list[str]
     architectures: list[str]

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from boneage.errors import BoneAgeError
 from boneage.report.schema import RUO_NOTICE
 from boneage.serve.app import create_app
+from boneage.serve.middleware import LOOPBACK_NAMES
 from boneage.serve.schemas import API
 from boneage.serve.service import Service
 
@@ -106,7 +107,9 @@ def run_server(args: argparse.Namespace) -> int:
     threads = _torch_threads(args.workers)
     sock = _bind(args.host, args.port)  # fail fast (port in use) before loading models
     try:
-        app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, workers=args.workers)
+        allowed = (*LOOPBACK_NAMES, args.host) if _is_loopback(args.host) else None  # DNS-rebinding defence
+        app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, workers=args.workers,
+                         interval_level=args.interval_level, allowed_hosts=allowed, device=args.device)
     except BaseException:
         sock.close()
         raise

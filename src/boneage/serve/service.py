@@ -110,14 +110,17 @@ class Service:
 
     def __init__(self, checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0, workers: int = 2,
                  tta: bool = True, heatmap: bool = True, max_queue: int = 32, report_cache: int = 32,
-                 warmup: bool = True) -> None:
+                 warmup: bool = True, interval_level: float = 0.9, device: str = "auto") -> None:
         if not checkpoints:
             raise BoneAgeError("no checkpoint given; pass --checkpoint PATH (repeat it for an ensemble)")
         if not max_upload_mb > 0:
             raise BoneAgeError(f"--max-upload-mb must be positive, not {max_upload_mb}")
         if int(workers) < 1:
             raise BoneAgeError(f"--workers must be at least 1, not {workers}")
-        self.predictor = load_predictor(checkpoints, runtime="torch", tta=tta)
+        if not 0.5 <= interval_level <= 0.995:
+            raise BoneAgeError(f"--interval-level must be from 0.5 to 0.995, not {interval_level}")
+        self.interval_level = float(interval_level)
+        self.predictor = load_predictor(checkpoints, runtime="torch", tta=tta, device=device)
         self.cam_predictor = _cam_copy(self.predictor) if heatmap else None
         self._cam_lock = threading.Lock()
         self.max_upload_mb = float(max_upload_mb)
@@ -189,7 +192,7 @@ class Service:
         with self._cam_lock:
             return heatmap_overlay(self.cam_predictor, image, None if sex is None else _MALE[sex])
 
-    def analyse(self, upload: IO[bytes], name: str, sex: str | None, chronological_age: str | None,
+    def analyse(self, upload: IO[bytes], name: str, sex: str | None, chronological_age: str | float | None,
                 right_hand: bool) -> dict[str, Any]:
         """Blocking (runs in the pool): upload -> record + report links + heatmap; ``ApiError`` for bad input."""
         with tempfile.TemporaryDirectory(prefix="boneage-serve-") as tmp:
@@ -213,7 +216,7 @@ class Service:
                 image, meta = read_image(path, right_hand=True if right_hand else None, keep_identifiers=False)
                 meta.path = name
                 analysis = predict_array(self.predictor, image, meta, sex=sex, chronological_age=chronological_age,
-                                         heatmap=False)
+                                         heatmap=False, interval_level=self.interval_level)
             except UnusableImageError as exc:
                 raise ApiError(422, f"unusable image: {str(exc).replace(str(path), name)}") from exc
             except ImageReadError as exc:

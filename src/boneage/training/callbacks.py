@@ -4,8 +4,6 @@ and the console output (one line per epoch)."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -15,6 +13,7 @@ import numpy as np
 import torch
 from catalyst import dl
 
+from boneage.atomic import write_text
 from boneage.checkpoint import load_checkpoint, save_checkpoint
 from boneage.evaluation import regression_metrics
 
@@ -57,6 +56,9 @@ class MonthsMetricCallback(dl.Callback):
         rows = _gather(runner, torch.cat(self._rows)).numpy()
         _, first = np.unique(rows, return_index=True)  # DDP pads shards with repeated rows
         pred, true = pred[first], true[first]
+        if self.task == "age" and not runner.is_train_loader:  # what CheckpointCallback stores for the intervals
+            runner.calibration = {"pred_months": pred.astype(float).tolist(),
+                                  "true_months": true.astype(float).tolist()}
         if self.task == "sex":
             metrics = {"accuracy": float(np.mean((pred > 0.5) == (true > 0.5))), "n": int(len(true))}
         else:
@@ -102,10 +104,7 @@ class TimeBudgetCallback(dl.Callback):
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2))
 
 
 class CheckpointCallback(dl.Callback):
@@ -181,7 +180,8 @@ class CheckpointCallback(dl.Callback):
                  "metrics": self.best_metrics, "best_score": self.best, "history": self.history,
                  "elapsed_s": elapsed}
         if improved:
-            save_checkpoint(state, self.run_dir / "best.pt")
+            calibration = getattr(runner, "calibration", None)  # this epoch's validation predictions and labels
+            save_checkpoint({**state, "calibration": calibration} if calibration else state, self.run_dir / "best.pt")
         extra = {"train_model": trained, "ema_updates": ema.updates} if ema is not None else {}
         save_checkpoint({**state, **extra, "optimizer": runner.optimizer.state_dict(),
                          "scheduler": runner.scheduler.state_dict() if runner.scheduler is not None else None},

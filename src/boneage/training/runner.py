@@ -13,9 +13,11 @@ gloo on CPU, nccl on GPU). Only rank 0 writes checkpoints and logs.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,8 @@ import torch
 from catalyst import dl
 from torch.utils.data import DataLoader
 
+from boneage._malloc import retain_freed_memory
+from boneage.atomic import remove_partial_files
 from boneage.checkpoint import load_checkpoint
 from boneage.config import Config
 from boneage.data.cache import default_cache_dir, open_cache, prepare_cache
@@ -32,8 +36,10 @@ from boneage.data.rsna import read_labels
 from boneage.data.splits import kfold_split, train_val_split
 from boneage.errors import BoneAgeError, ConfigError
 from boneage.models import create_model
+from boneage.models.registry import check_model_args
 from boneage.training.callbacks import (CheckpointCallback, EpochLineCallback, MonthsMetricCallback,
                                         TimeBudgetCallback)
+from boneage.training.divergence import DivergenceCallback
 from boneage.training.ema import EmaCallback
 from boneage.transforms import build_transforms
 
@@ -115,8 +121,7 @@ class BoneAgeRunner(dl.IRunner):
 
     def get_model(self) -> torch.nn.Module:
         m = self.cfg.model
-        model = create_model(m.name, task=m.task, sex_input=m.sex_input, pretrained=m.pretrained,
-                             dropout=m.dropout, width=m.width)
+        model = create_model(**asdict(m))
         if self.cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
@@ -177,6 +182,10 @@ class BoneAgeRunner(dl.IRunner):
         if t.early_stopping_patience > 0:
             callbacks["early_stopping"] = dl.EarlyStoppingCallback(
                 patience=t.early_stopping_patience, loader_key="valid", metric_key=monitor, minimize=minimize)
+        if task == "age":
+            callbacks["divergence"] = DivergenceCallback(4.0 * self.target["baseline_val_mae_months"])
+        else:
+            callbacks["divergence"] = DivergenceCallback(math.inf, metric_key="accuracy")
         if t.max_minutes:
             callbacks["time_budget"] = TimeBudgetCallback(t.max_minutes)
         if t.ema_decay > 0:
@@ -235,14 +244,15 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
 
     if not cfg.data.images or not cfg.data.labels:
         raise ConfigError("no data: pass --images DIR --labels CSV (or set data.images / data.labels)")
-    t = cfg.train
-    if not (0.0 <= t.ema_decay < 1.0 and t.backbone_lr_mult > 0 and 0.0 < t.warmup_pct < 1.0):
-        raise ConfigError(f"train.ema_decay must be in [0, 1) (0: off), train.backbone_lr_mult > 0 and "
-                          f"train.warmup_pct in (0, 1); got {t.ema_decay}, {t.backbone_lr_mult}, {t.warmup_pct}")
+    cfg.validate()  # a config built in code is checked like one read from YAML
+    m = cfg.model
+    check_model_args(m.name, task=m.task, sex_input=m.sex_input, dropout=m.dropout, width=m.width)  # before any work
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(run_dir)  # temp files of checkpoint writes killed in an earlier run
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
+    retain_freed_memory()
     last = run_dir / "last.pt"
     resume_from = last if (resume and last.is_file()) else None
     if resume_from is not None:

@@ -80,7 +80,11 @@
     setText("bone-age-text", record.bone_age_text);
     setText("bone-age-months", Number(record.bone_age_months).toFixed(1));
     const badge = $("category");
-    badge.textContent = record.category ? record.category : "no comparison";
+    const certainty = (record.category_certainty || "").split(":")[0];
+    badge.textContent = record.category
+      ? record.category + (certainty === "borderline" || certainty === "indeterminate" ? " (" + certainty + ")" : "")
+      : "no comparison";
+    badge.title = record.category_certainty || "";
     badge.className = "badge " + (record.category || "none");
     setText("summary", record.summary || "");
     setText(
@@ -105,7 +109,15 @@
       "mae",
       record.model_mae_months === null
         ? "not recorded in the checkpoint"
-        : "\u00b1" + record.model_mae_months.toFixed(1) + " months mean absolute error on validation data"
+        : "mean absolute error " + record.model_mae_months.toFixed(1) + " months on held-out validation images"
+    );
+    const iv = record.bone_age_interval_months;
+    setText(
+      "interval",
+      iv === null
+        ? "none (the checkpoint has no calibration residuals)"
+        : iv[0].toFixed(0) + "\u2013" + iv[1].toFixed(0) + " months, " +
+          (100 * record.interval_level).toFixed(0) + "% prediction interval (split conformal)"
     );
     setText(
       "models",
@@ -213,7 +225,7 @@
     .then((r) => (r.ok ? r.json() : Promise.reject(new Error(r.statusText))))
     .then((m) => {
       const mae = m.model_mae_months === null ? "validation MAE not recorded" :
-        "validation MAE \u00b1" + m.model_mae_months.toFixed(1) + " months";
+        "validation MAE " + m.model_mae_months.toFixed(1) + " months";
       setText("model-info", "Model: " + m.architectures.join(", ") + " \u00d7" + m.members + " \u00b7 " + mae +
         " \u00b7 TTA " + (m.tta ? "on" : "off"));
     })
