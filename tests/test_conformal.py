@@ -145,3 +145,14 @@ def test_the_record_gives_the_normal_range_and_the_standard(tmp_path):
     assert record["category_certainty"]
     html = render_html(record)
     assert "Normal range" in html and "Brush Foundation" in html
+
+
+def test_a_bone_age_beyond_the_atlas_gets_a_warning(tmp_path, monkeypatch):
+    predictor = Predictor([make_checkpoint(tmp_path / "m.pt")])
+    monkeypatch.setattr(predictor, "predict", lambda images, male: np.full(len(images), 250.0))
+    record = predict_array(predictor, hand_image(), heatmap=False, sex="M").record
+    assert record["bone_age_months"] == 250.0
+    assert any("beyond the Greulich & Pyle atlas" in w and "228 months" in w for w in record["warnings"])
+    monkeypatch.setattr(predictor, "predict", lambda images, male: np.full(len(images), 200.0))
+    record = predict_array(predictor, hand_image(), heatmap=False, sex="M").record
+    assert not any("atlas" in w for w in record["warnings"])

@@ -66,7 +66,7 @@ def test_right_hand_flag_mirrors_any_format(tmp_path):
 
 
 def test_dicom_header_sex_age_and_no_identifiers_by_default(tmp_path):
-    path = make_dicom(tmp_path / "a.dcm", sex="F", age="009Y")
+    path = make_dicom(tmp_path / "a.dcm", sex="F", age="009Y", study_date=None)  # no dates: PatientAge is used
     image, meta = read_image(path)
     assert image.dtype == np.uint16 and image.shape == (240, 200) and meta.format == "dicom"
     assert meta.sex == "F" and meta.age_months == 108.0 and not meta.mirrored
@@ -82,6 +82,22 @@ def test_dicom_age_from_birth_and_study_dates(tmp_path):
     _, meta = read_image(path)
     assert meta.age_months == pytest.approx(111.0, abs=0.5)
     assert meta.notes == []
+
+
+def test_dicom_dates_come_before_patient_age_and_disagreement_is_a_note(tmp_path):
+    path = make_dicom(tmp_path / "a.dcm", age="009Y", birth_date="20140117", study_date="20230420")
+    _, meta = read_image(path)
+    assert meta.age_months == pytest.approx(111.0, abs=0.5)  # the exact 9 y 3 m, not PatientAge's 9 y
+    assert len(meta.notes) == 1 and "differ by more than one month" in meta.notes[0]
+    assert "20140117" not in meta.notes[0]  # the birth date identifies: never echoed
+    _, close = read_image(make_dicom(tmp_path / "b.dcm", age="111M", birth_date="20140117", study_date="20230420"))
+    assert close.notes == [] and close.age_months == pytest.approx(111.0, abs=0.5)
+
+
+def test_a_birth_date_after_the_study_date_is_the_files_error(tmp_path):
+    path = make_dicom(tmp_path / "a.dcm", birth_date="20240101", study_date="20230420")
+    with pytest.raises(ImageReadError, match="PatientBirthDate is after StudyDate"):
+        read_image(path)
 
 
 def test_dicom_malformed_header_values_become_notes(tmp_path):

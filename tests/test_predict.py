@@ -114,7 +114,7 @@ def test_chronological_age_without_sex_is_indeterminate(predictor, png):
 
 
 def test_dicom_header_gives_sex_and_age_unless_overridden(predictor, tmp_path):
-    path = make_dicom(tmp_path / "a.dcm", sex="M", age="010Y")
+    path = make_dicom(tmp_path / "a.dcm", sex="M", age="010Y", study_date=None)
     record = predict_file(predictor, path)
     assert (record["sex"], record["sex_source"]) == ("M", "dicom")
     assert (record["chronological_age_months"], record["chronological_age_source"]) == (120.0, "dicom")
@@ -131,7 +131,7 @@ def test_dicom_without_header_sex_or_age(predictor, tmp_path):
 
 
 def test_dicom_adult_age_is_ignored_not_fatal(predictor, tmp_path):
-    record = predict_file(predictor, make_dicom(tmp_path / "a.dcm", sex="F", age="040Y"))
+    record = predict_file(predictor, make_dicom(tmp_path / "a.dcm", sex="F", age="040Y", study_date=None))
     assert record["error"] is None and record["chronological_age_months"] is None
     assert any("480 months" in w and "ignored" in w for w in record["warnings"])
 

@@ -149,7 +149,7 @@ def test_right_hand_is_mirrored(client, png):
 
 
 def test_dicom_upload_uses_header_and_leaks_no_identifiers(client, tmp_path, caplog):
-    path = make_dicom(tmp_path / "hand.dcm", sex="F", age="009Y")
+    path = make_dicom(tmp_path / "hand.dcm", sex="F", age="009Y", study_date=None)
     caplog.set_level("DEBUG")
     r = post(client, path.read_bytes(), "hand.dcm")
     assert r.status_code == 200, r.text

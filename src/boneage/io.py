@@ -217,6 +217,27 @@ def _read_dicom(path: Path, keep_identifiers: bool, max_pixels: int) -> tuple[np
     return array, meta
 
 
+def _dicom_age(path: Path, ds: Any) -> tuple[float | None, list[str]]:
+    """Chronological age in months: StudyDate - PatientBirthDate when both exist (exact), else PatientAge
+    (whole years or months, up to 11 months off). Notes never echo header values (the birth date identifies)."""
+    notes: list[str] = []
+    raw_age = str(ds.get("PatientAge", "") or "").strip()
+    header_age = parse_dicom_age(raw_age)
+    if raw_age and header_age is None:
+        notes.append("DICOM PatientAge is not a DICOM age (e.g. 009Y, 111M): ignored")
+    birth, study = _dicom_date(ds.get("PatientBirthDate")), _dicom_date(ds.get("StudyDate"))
+    if birth is None or study is None:
+        return header_age, notes
+    if study < birth:
+        raise ImageReadError(f"{path}: DICOM PatientBirthDate is after StudyDate, so the header's dates are wrong; "
+                             "fix the header, or give the age with --chronological-age after correcting it")
+    age = (study - birth).days / 30.4375
+    if header_age is not None and abs(header_age - age) > 1.0:
+        notes.append(f"DICOM PatientAge ({header_age:.0f} months) and StudyDate - PatientBirthDate ({age:.1f} "
+                     "months) differ by more than one month: the exact age from the dates is used")
+    return age, notes
+
+
 def _header_int(path: Path, ds: Any, keyword: str, default: int) -> int:
     """One integer header attribute; a clear error (without echoing the value) when it is not one."""
     value = ds.get(keyword, default)
@@ -247,15 +268,8 @@ def _dicom_header_and_pixels(path: Path, ds: Any, keep_identifiers: bool, max_pi
     sex = _dicom_sex(raw_sex)
     if raw_sex and sex is None:
         notes.append("DICOM PatientSex is neither M nor F: sex treated as unknown")
-    raw_age = str(ds.get("PatientAge", "") or "").strip()
-    age = parse_dicom_age(raw_age)
-    if age is None:
-        birth, study = _dicom_date(ds.get("PatientBirthDate")), _dicom_date(ds.get("StudyDate"))
-        if birth and study and study >= birth:
-            age = (study - birth).days / 30.4375
-        if raw_age:
-            notes.append("DICOM PatientAge is not a DICOM age (e.g. 009Y, 111M): "
-                         + ("age taken from the birth and study dates" if age is not None else "ignored"))
+    age, age_notes = _dicom_age(path, ds)
+    notes.extend(age_notes)
     laterality = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "") or "").strip().upper()
     inverse = (str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1"
                or str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE")

@@ -34,6 +34,7 @@ from boneage.report.schema import printable
 if TYPE_CHECKING:
     from boneage.inference.predictor import Predictor
 
+ATLAS_MAX_MONTHS = 228.0  # the last standard of the Greulich & Pyle atlas (19 years, boys)
 RADIOGRAPH_MAX_SIDE = 768  # the radiograph embedded in the HTML report
 _MALE = {"M": 1.0, "F": 0.0}
 
@@ -137,6 +138,9 @@ def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None
     if bone_age != months:
         notes.append(f"the model's raw output {months:.1f} months was clipped to {bone_age:.0f}; "
                      "check that this is a pediatric hand radiograph")
+    if bone_age > ATLAS_MAX_MONTHS:
+        notes.append(f"the bone age {bone_age:.0f} months is beyond the Greulich & Pyle atlas' last standard "
+                     f"({ATLAS_MAX_MONTHS:.0f} months, 19 years): a mature skeleton; such estimates are not graded")
     result = interpret(bone_age, ca, sex_code)
     record.update(_model_fields(predictor))
     by_sex = record.get("bone_age_by_sex_months")
