@@ -182,10 +182,9 @@ class BoneAgeRunner(dl.IRunner):
         if t.early_stopping_patience > 0:
             callbacks["early_stopping"] = dl.EarlyStoppingCallback(
                 patience=t.early_stopping_patience, loader_key="valid", metric_key=monitor, minimize=minimize)
-        if task == "age":
-            callbacks["divergence"] = DivergenceCallback(4.0 * self.target["baseline_val_mae_months"])
-        else:
-            callbacks["divergence"] = DivergenceCallback(math.inf, metric_key="accuracy")
+        if t.engine != "ddp":  # single process only: under DDP a rank that raised alone would hang the others
+            limit = 4.0 * self.target["baseline_val_mae_months"] if task == "age" else math.inf
+            callbacks["divergence"] = DivergenceCallback(limit, metric_key=monitor)
         if t.max_minutes:
             callbacks["time_budget"] = TimeBudgetCallback(t.max_minutes)
         if t.ema_decay > 0:
