@@ -191,6 +191,14 @@ class BoneAgeRunner(dl.IRunner):
             callbacks["ema"] = EmaCallback(t.ema_decay)
         return callbacks
 
+    def on_experiment_end(self, runner: dl.IRunner) -> None:
+        # DDP: rank 0 is the last to finish (it writes the checkpoints). Wait for it before Catalyst destroys the
+        # process group, or a rank that tears gloo down early can abort ("terminate called without an active
+        # exception", seen in CI once the checkpoints carried the calibration residuals).
+        if self.engine.num_processes > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        super().on_experiment_end(runner)
+
     # --- one step ----------------------------------------------------------------------
     def handle_batch(self, batch: dict[str, torch.Tensor]) -> None:
         image = batch["image"]
