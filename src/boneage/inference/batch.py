@@ -172,13 +172,12 @@ def _interval_fields(predictor: Ensemble, centres: tuple[float, float], level: f
                      notes: list[str]) -> dict[str, Any]:
     """The conformal prediction interval (``boneage.inference.conformal``) around the raw estimate; with the sex
     unknown, around both sexes' estimates (``centres`` = the lower and the higher)."""
-    months = (centres[0] + centres[1]) / 2
-    half = predictor.interval_half_width(np.array([months]), level)
-    if half is None:
+    interval = predictor.interval(np.array([centres[0]]), np.array([centres[1]]), level)
+    if interval is None:
         notes.append("no prediction interval: the checkpoint has no calibration residuals (written before "
                      "report schema 1.1); retrain to get one")
         return {"bone_age_interval_months": None, "interval_level": None, "interval_method": None}
-    lo, hi = max(0.0, centres[0] - float(half[0])), min(MAX_AGE_MONTHS, centres[1] + float(half[0]))
+    lo, hi = float(interval[0][0]), float(interval[1][0])
     return {"bone_age_interval_months": [round(lo, 1), round(hi, 1)], "interval_level": level,
             "interval_method": f"{METHOD}, n={min(m.calibration.n for m in predictor.members)}"}  # type: ignore
 

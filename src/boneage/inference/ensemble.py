@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol, Sequence
 import cv2
 import numpy as np
 
+from boneage.clinical import MAX_AGE_MONTHS
 from boneage.config import Config, PreprocessConfig
 from boneage.inference.conformal import Calibration
 from boneage.preprocess import preprocess
@@ -118,6 +119,17 @@ class Ensemble(ABC):
             return None
         return np.mean([m.calibration.half_width(months, level) for m in self.members  # type: ignore[union-attr]
                         ], axis=0)
+
+    def interval(self, low: np.ndarray, high: np.ndarray | None = None,
+                 level: float = 0.9) -> tuple[np.ndarray, np.ndarray] | None:
+        """Prediction intervals in months, clipped to 0-300: ``[low - q, high + q]`` with ``q`` the conformal
+        half-width at the midpoint (``high`` defaults to ``low``: one estimate; two when the sex is unknown)."""
+        low = np.atleast_1d(np.asarray(low, dtype=np.float64))
+        high = low if high is None else np.atleast_1d(np.asarray(high, dtype=np.float64))
+        half = self.interval_half_width((low + high) / 2, level)
+        if half is None:
+            return None
+        return np.clip(low - half, 0.0, MAX_AGE_MONTHS), np.clip(high + half, 0.0, MAX_AGE_MONTHS)
 
     def predict_preprocessed(self, by_config: dict[int, np.ndarray], male: np.ndarray) -> np.ndarray:
         """Ensemble mean; ``by_config[i]`` holds the images preprocessed with ``preprocess_configs[i]``."""

@@ -10,7 +10,6 @@ import numpy as np
 from boneage.data.cache import default_cache_dir, prepare_cache
 from boneage.data.rsna import read_labels
 from boneage.evaluation import evaluation_report, save_plots, write_results
-from boneage.clinical import MAX_AGE_MONTHS
 from boneage.device import resolve_device
 from boneage.inference.conformal import DEFAULT_LEVEL, METHOD
 from boneage.inference.predictor import Predictor
@@ -37,10 +36,9 @@ def evaluate(checkpoints: Sequence[str | Path], images: str | Path, labels: str 
     table["predicted"] = predictor.predict_preprocessed(by_config, table["male"].to_numpy(dtype=np.float32))
     train_mean = float(np.mean([m.mean for m in predictor.members]))
     report = evaluation_report(table, train_mean=train_mean)
-    half = predictor.interval_half_width(table["predicted"].to_numpy(), interval_level)
-    if half is not None:
-        table["interval_low"] = np.clip(table["predicted"] - half, 0.0, MAX_AGE_MONTHS)
-        table["interval_high"] = np.clip(table["predicted"] + half, 0.0, MAX_AGE_MONTHS)
+    interval = predictor.interval(table["predicted"].to_numpy(), level=interval_level)
+    if interval is not None:
+        table["interval_low"], table["interval_high"] = interval
         hit = (table["boneage"] >= table["interval_low"]) & (table["boneage"] <= table["interval_high"])
         report["interval"] = {"level_pct": round(100 * interval_level, 1), "n": int(len(table)),
                               "coverage_pct": round(100 * float(hit.mean()), 2),
