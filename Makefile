@@ -158,6 +158,8 @@ DEMO_N ?= 320
 DEMO_TRAIN_EXTRA ?= train.epochs=24 preprocess.size=96 data.val_fraction=0.2
 # Id of the held-out phantom `make demo` reports on (100000 is the first; its drawn age and sex are used).
 DEMO_FEATURED ?= 100000
+# Checkpoint whose out-of-distribution refusal make bench-ood measures (false refusals on its held-out split)
+OOD_CHECKPOINT ?= runs/cpu-small/best.pt
 # Notebook `make notebook-html` executes.
 NOTEBOOK ?= notebooks/demo.ipynb
 # Output folder of `make notebook-html`.
@@ -532,6 +534,14 @@ bench-quick: ## Run the quick benchmarks
 .PHONY: bench-serve
 bench-serve: ## Load-test the web service
 	$(PYTHON) -m benchmarks.serve_load
+
+.PHONY: bench-ood
+bench-ood: ## Out-of-distribution refusal: false refusals (held-out split) and non-hand refusals of OOD_CHECKPOINT
+	$(PYTHON) -m benchmarks.ood --checkpoint $(OOD_CHECKPOINT)
+
+.PHONY: screenshots
+screenshots: ## Regenerate docs/sample_report.html, img/sample_report.png, img/serve_page.png (after make demo)
+	$(PYTHON) docs/screenshots.py --demo-dir $(DEMO_DIR) --featured $(DEMO_FEATURED)
 
 .PHONY: notebook-html
 notebook-html: ## Execute NOTEBOOK and write NOTEBOOK_OUT/demo.html

@@ -53,8 +53,10 @@ def make_dicom(
 ) -> Path:
     """Write a single-frame DX DICOM; ``compress`` is a transfer syntax UID pydicom can encode."""
     path = Path(path)
-    if pixels is None:
+    if pixels is None:  # a hand as displayed: MONOCHROME1 stores it inverted (0 = white)
         pixels = hand_pixels(bits=bits_stored)
+        if photometric == "MONOCHROME1":
+            pixels = (2**bits_stored - 1 - pixels.astype(np.int64)).astype(pixels.dtype)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
     meta.MediaStorageSOPInstanceUID = generate_uid()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import zlib
 from dataclasses import asdict
@@ -14,7 +15,12 @@ from PIL import Image
 
 from boneage.checkpoint import save_checkpoint
 from boneage.config import AugmentConfig, Config, ModelConfig, PreprocessConfig
+from boneage.data.synth import render_phantom
+from boneage.inference.ood import FeatureGate
+from boneage.inference.predictor import gate_features
 from boneage.models import create_model
+from boneage.preprocess import preprocess
+from boneage.transforms import build_transforms
 from dicom_fixtures import hand_pixels, make_dicom
 
 SIZE = 96
@@ -22,9 +28,10 @@ SIZE = 96
 
 def make_checkpoint(path: Path, *, name: str = "bonenet_s", seed: int = 0, size: int = SIZE, mae: float | None = 9.5,
                     sex_input: bool = True, hflip: bool = False, crop_hand: bool = False,
-                    calibrated: bool = True) -> Path:
+                    calibrated: bool = True, gated: bool = True) -> Path:
     """An untrained model saved like a trained one (target mean 120, std 40 months); ``calibrated``: with
-    validation residuals (``synthetic_calibration``) as training stores them, else like an older checkpoint."""
+    validation residuals (``synthetic_calibration``) as training stores them; ``gated``: with an
+    out-of-distribution gate fitted on hand phantoms (``phantom_gate``); else like an older checkpoint."""
     torch.manual_seed(seed)
     cfg = Config(name="test", preprocess=PreprocessConfig(size=size, crop_hand=crop_hand),
                  augment=AugmentConfig(level="light", hflip=hflip),
@@ -40,7 +47,28 @@ def make_checkpoint(path: Path, *, name: str = "bonenet_s", seed: int = 0, size:
              "metrics": {} if mae is None else {"mae_months": mae}, "epoch": 1}
     if calibrated:
         state["calibration"] = synthetic_calibration(seed)
+    if gated:
+        state["ood"] = phantom_gate(model, cfg).to_state()
     return save_checkpoint(state, path)
+
+
+PHANTOM_SHAPES = ((300, 240), (240, 200), (256, 256), (400, 320), (512, 384), (600, 480), (320, 300), (200, 160))
+GATE_SLACK = 3.0
+
+
+def phantom_gate(model: torch.nn.Module, cfg: Config, *, demo_phantoms: bool = True) -> FeatureGate:
+    """The gate that training fits, here on 64 hand phantoms of the test files' shapes, bit depths and sides and
+    24 demo phantoms (``render_phantom``) instead of training radiographs, with its threshold raised
+    ``GATE_SLACK`` times: an untrained model's features vary more between phantom variants than a trained
+    model's between radiographs (noise still scores far above)."""
+    phantoms = [hand_pixels(*shape, bits=bits, seed=1000 + seed)[:, ::flip]
+                for shape in PHANTOM_SHAPES for bits in (8, 12) for flip in (1, -1) for seed in range(2)]
+    if demo_phantoms:
+        rng = np.random.default_rng(1000)
+        phantoms += [render_phantom(age, male, rng) for age in np.linspace(12, 216, 12) for male in (True, False)]
+    images = np.stack([preprocess(np.ascontiguousarray(p), cfg.preprocess) for p in phantoms])
+    gate = FeatureGate.fit(gate_features(model, build_transforms(cfg.augment, "eval"), images))
+    return dataclasses.replace(gate, threshold=gate.threshold * GATE_SLACK)
 
 
 def synthetic_calibration(seed: int = 0, n: int = 600, sd: float = 10.0) -> dict:

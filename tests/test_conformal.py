@@ -98,7 +98,7 @@ def test_predict_and_evaluate_write_the_interval(tmp_path, capsys):
     assert main(["predict", str(png), "--checkpoint", str(checkpoint), "--no-tta", "--no-heatmap",
                  "--interval-level", "80%", "--out", str(out)]) == 0
     record = json.loads((out / "hand.json").read_text())
-    assert record["interval_level"] == 0.8 and record["schema_version"] == "1.1"
+    assert record["interval_level"] == 0.8 and record["schema_version"] == "1.2"
     with (out / "predictions.csv").open() as fh:
         row = next(csv.DictReader(fh))
     assert float(row["interval_low_months"]) == record["bone_age_interval_months"][0]
@@ -149,10 +149,10 @@ def test_the_record_gives_the_normal_range_and_the_standard(tmp_path):
 
 def test_a_bone_age_beyond_the_atlas_gets_a_warning(tmp_path, monkeypatch):
     predictor = Predictor([make_checkpoint(tmp_path / "m.pt")])
-    monkeypatch.setattr(predictor, "predict", lambda images, male: np.full(len(images), 250.0))
+    monkeypatch.setattr(predictor, "predict_preprocessed", lambda images, male: np.full(len(male), 250.0))
     record = predict_array(predictor, hand_image(), heatmap=False, sex="M").record
     assert record["bone_age_months"] == 250.0
     assert any("beyond the Greulich & Pyle atlas" in w and "228 months" in w for w in record["warnings"])
-    monkeypatch.setattr(predictor, "predict", lambda images, male: np.full(len(images), 200.0))
+    monkeypatch.setattr(predictor, "predict_preprocessed", lambda images, male: np.full(len(male), 200.0))
     record = predict_array(predictor, hand_image(), heatmap=False, sex="M").record
     assert not any("atlas" in w for w in record["warnings"])

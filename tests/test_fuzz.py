@@ -1,5 +1,6 @@
-"""Hypothesis-generated bad input: config overrides, label CSVs, DICOM headers and ages. Whatever comes in, the
-result is a value or a BoneAgeError with a message, never another exception (a traceback for the user)."""
+"""Hypothesis-generated bad input: config overrides, label CSVs, DICOM headers, ages and multipart API requests.
+Whatever comes in, the result is a value or a BoneAgeError with a message, never another exception (a traceback
+for the user), and the API answers 200 or a 4xx with a message, never a 5xx."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import string
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -110,3 +112,60 @@ def test_any_age_or_sex_gives_a_value_or_a_clear_error(text):
             parse(text)
         except BoneAgeError as exc:
             assert "accepted" in str(exc)
+
+
+# --- multipart requests to the API ------------------------------------------------------------------------------
+
+TEXT = st.one_of(st.none(), st.text(max_size=20), st.sampled_from(["F", "M", "x", "14", "14y", "9y15m", "-3m", "1e9",
+                                                                   "nan", "\x00", "\u202e", "=1+1"]))
+
+
+def _png(array) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from boneage.serve.app import create_app
+    from helpers_predict import make_checkpoint
+
+    app = create_app([make_checkpoint(tmp_path_factory.mktemp("fuzz") / "m.pt")], workers=1, warmup=False,
+                     max_upload_mb=1)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client, _png(hand_pixels(bits=8))
+    app.state.service.close()
+
+
+@FAST
+@given(image=st.one_of(st.none(), st.binary(max_size=300), st.sampled_from(["good", "truncated", "noise"])),
+       name=st.one_of(st.text(max_size=30), st.sampled_from(["a.png", "a.dcm", "../../x.png", "", ".png", "a.txt"])),
+       field=st.sampled_from(["image", "image", "file"]), sex=TEXT, age=TEXT, months=TEXT, right=TEXT,
+       content_type=st.sampled_from(["image/png", "application/octet-stream", "text/plain", "", "a/b; x=\"y\""]))
+def test_any_multipart_request_gets_a_clear_answer_never_a_5xx(api, image, name, field, sex, age, months, right,
+                                                               content_type):
+    client, good = api
+    payload = {"good": good, "truncated": good[: len(good) // 2],
+               "noise": _png(np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8))}
+    data = {k: v for k, v in (("sex", sex), ("chronological_age", age), ("chronological_age_months", months),
+                              ("right_hand", right)) if v is not None}
+    files = None if image is None else {field: (name, payload.get(image, image) if isinstance(image, str) else image,
+                                                content_type)}
+    r = client.post("/api/v1/predict", files=files, data=data)
+    assert r.status_code < 500, r.text
+    assert r.status_code == 200 or isinstance(r.json()["detail"], str) and r.json()["detail"]
+
+
+@FAST
+@given(body=st.binary(max_size=400), boundary=st.text(string.ascii_letters + string.digits + "-'()+_,./:=?",
+                                                      min_size=0, max_size=70))
+def test_any_raw_body_under_a_multipart_header_gets_a_4xx(api, body, boundary):
+    client, _ = api
+    r = client.post("/api/v1/predict", content=body,
+                    headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert 400 <= r.status_code < 500, r.text

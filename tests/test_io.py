@@ -3,6 +3,7 @@
 import logging
 import warnings
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
@@ -214,3 +215,20 @@ def test_list_images_expands_folders_and_globs_and_keeps_missing(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     assert [str(p) for p in list_images(["*.jpg", "missing.png", "nothing*.png"])] == ["a.jpg", "missing.png",
                                                                                        "nothing*.png"]
+
+
+def test_a_large_jpeg_is_decoded_at_reduced_size_and_says_so(tmp_path):
+    """JPEG's decoder scales by 1/2, 1/4, 1/8: a 6000 x 4000 JPEG is decoded at 3000 x 2000 (>= 2048 px kept)."""
+    from boneage.io import DECODE_MAX_SIDE
+
+    big = cv2.resize(hand_pixels(bits=8), (6000, 4000), interpolation=cv2.INTER_LINEAR)
+    path = tmp_path / "big.jpg"
+    Image.fromarray(big).save(path, quality=80)
+    image, meta = read_image(path)
+    assert image.shape == (2000, 3000) and max(image.shape) >= DECODE_MAX_SIDE
+    assert (meta.width, meta.height) == (6000, 4000)
+    assert any("decoded at 3000x2000 of 6000x4000" in n for n in meta.notes)
+    small = tmp_path / "small.jpg"
+    Image.fromarray(big[:2000, :3000]).save(small, quality=80)
+    image, meta = read_image(small)
+    assert image.shape == (2000, 3000) and not meta.notes

@@ -43,7 +43,18 @@ def test_signature_and_metadata(exported, checkpoints):  # noqa: F811
     session = OnnxPredictor([exported]).members[0].session
     inputs = {i.name: (i.shape, i.type) for i in session.get_inputs()}
     assert inputs == {"image": (["batch", 1, SIZE, SIZE], "tensor(float)"), "male": (["batch"], "tensor(float)")}
-    assert [(o.name, o.shape) for o in session.get_outputs()] == [("months", ["batch"])]
+    width = len(load_checkpoint(checkpoints["a"])["ood"]["mean"])  # 2 x the channels of the last feature map
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [("months", ["batch"]), ("features", ["batch", width])]
+    assert json.loads(props["boneage.ood"]) == load_checkpoint(checkpoints["a"])["ood"]
+
+
+def test_onnx_gate_scores_match_pytorch(exported, checkpoints):  # noqa: F811
+    """The exported ``features`` output and the gate in the metadata give the PyTorch path's OOD scores."""
+    torch_p, onnx_p = Predictor([checkpoints["a"]]), OnnxPredictor([exported])
+    images = [hand_image(seed=3), np.random.default_rng(0).integers(0, 256, (300, 240), dtype=np.uint8)]
+    a, b = (p.ood_scores(p.preprocess_all(images)) for p in (torch_p, onnx_p))
+    assert a is not None and b is not None and a[0] < 1 < a[1]
+    np.testing.assert_allclose(b, a, rtol=1e-3)
 
 
 def test_onnx_matches_pytorch_on_the_same_inputs(exported, checkpoints):  # noqa: F811

@@ -97,6 +97,10 @@ def test_page_upload_shows_the_api_result(server, browser, tmp_path):
         expect(page.locator("#interval")).to_contain_text(f"{lo:.0f}\u2013{hi:.0f} months, 90% prediction interval")
         expect(page.locator("#z-score")).to_contain_text(f"{api['z_score']:+.2f}".replace("-", "\u2212"))
         expect(page.locator("#chronological-age")).to_contain_text("9 y 3 m")
+        lo, hi = api["normal_range_months"]
+        expect(page.locator("#normal-range")).to_contain_text(f"{lo:.0f}\u2013{hi:.0f} months (chronological age")
+        expect(page.locator("#normal-range")).to_contain_text(api["category_certainty"])
+        expect(page.locator("#ood")).to_contain_text(f"passed: feature distance {api['ood_score']:.2f}")
         expect(page.locator("#mae")).to_contain_text("mean absolute error 9.5 months on held-out validation images")
         expect(page.locator("#status")).to_contain_text("Done")
         assert page.locator("#result").get_attribute("aria-live") == "polite"

@@ -185,7 +185,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"n={report['n']}  MAE {report['mae_months']:.2f}  RMSE {report['rmse_months']:.2f}  "
           f"median AE {report['median_ae_months']:.2f} months  within 12 m {report['within_12_months_pct']:.1f}%  "
           + (f"{report['interval']['level_pct']:g}% interval coverage {report['interval']['coverage_pct']:.1f}%  "
-             if "interval" in report else "") + f"-> {args.out}/metrics.json")
+             if "interval" in report else "")
+          + (f"OOD check would refuse {report['ood']['refused']} ({report['ood']['refused_pct']:.2f}%)  "
+             if "ood" in report else "") + f"-> {args.out}/metrics.json")
     return 0
 
 
@@ -291,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval-level", type=interval_level, default=0.9, metavar="P",
                    help="coverage of the conformal prediction interval, e.g. 0.9 or 90%%")
     p.add_argument("--right-hand", action="store_true", help="images show a right hand: mirror them")
+    p.add_argument("--no-ood-check", dest="ood_check", action="store_false", default=True,
+                   help="analyse images that the model's out-of-distribution check refuses (with a warning)")
     _add_device_arg(p)
     p.add_argument("--keep-identifiers", action="store_true", help="copy DICOM patient identifiers into reports")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="torch, or an ONNX file via "
@@ -313,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int_in(1, 64), default=2, metavar="N", help="inference threads")
     p.add_argument("--interval-level", type=interval_level, default=0.9, metavar="P",
                    help="coverage of the conformal prediction interval, e.g. 0.9 or 90%%")
+    p.add_argument("--no-ood-check", dest="ood_check", action="store_false", default=True,
+                   help="analyse images that the model's out-of-distribution check refuses (with a warning)")
     _add_device_arg(p)
     p.set_defaults(func=cmd_serve)
 

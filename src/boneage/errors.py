@@ -27,3 +27,7 @@ class CheckpointError(BoneAgeError):
 
 class TrainingDiverged(BoneAgeError):
     """The loss stopped being a number, or the validation error exploded: the run is stopped, not saved."""
+
+
+class OutOfDistributionError(UnusableImageError):
+    """The model's features put the image far from every training radiograph (``boneage.inference.ood``)."""

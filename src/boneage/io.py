@@ -8,8 +8,9 @@ left hand with MONOCHROME2 polarity, modality and VOI LUTs applied.
 
 from __future__ import annotations
 
-import datetime as dt
 import contextlib
+import datetime as dt
+import math
 import re
 import threading
 import warnings
@@ -23,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from boneage.clinical import parse_sex
 from boneage.errors import BoneAgeError, ImageReadError
 
+DECODE_MAX_SIDE = 2048  # JPEGs larger than this are decoded at reduced size (every model input is <= 512 px)
 MAX_PIXELS = 36_000_000  # 6000 x 6000: twice the largest hand-radiograph detector (43 cm at 0.1 mm); bombs beyond
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 DICOM_IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
@@ -101,6 +103,10 @@ def _read_pil(path: Path, kind: str, max_pixels: int) -> tuple[np.ndarray, Image
                     f"{path}: {img.width}x{img.height} pixels exceeds the limit of {max_pixels} "
                     "(possible decompression bomb); downscale the image first"
                 )
+            full = (img.width, img.height)
+            if kind == "jpeg" and max(full) > DECODE_MAX_SIDE:  # the JPEG decoder scales by 1/2, 1/4 or 1/8
+                scale = DECODE_MAX_SIDE / max(full)
+                img.draft(img.mode, (math.ceil(full[0] * scale), math.ceil(full[1] * scale)))
             img.load()
             mode = img.mode
             if mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -123,7 +129,11 @@ def _read_pil(path: Path, kind: str, max_pixels: int) -> tuple[np.ndarray, Image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise ImageReadError(f"{path}: corrupt or truncated {kind.upper()} ({exc}); re-export the file") from exc
     h, w = array.shape
-    return array, ImageMeta(str(path), kind, bit_depth, h, w, channels, colour)
+    meta = ImageMeta(str(path), kind, bit_depth, full[1], full[0], channels, colour)
+    if (w, h) != full:
+        meta.notes.append(f"decoded at {w}x{h} of {full[0]}x{full[1]} pixels (JPEG reduced-size decoding; the "
+                          f"model sees at most {DECODE_MAX_SIDE} px anyway)")
+    return array, meta
 
 
 def colourfulness(rgb: np.ndarray) -> float:

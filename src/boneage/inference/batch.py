@@ -21,9 +21,10 @@ import numpy as np
 
 from boneage.clinical import MAX_AGE_MONTHS, format_age, interpret, parse_age, parse_sex
 from boneage.clinical.interpret import Z_LIMIT
-from boneage.errors import BoneAgeError, CheckpointError
+from boneage.errors import BoneAgeError, CheckpointError, OutOfDistributionError
 from boneage.inference.conformal import DEFAULT_LEVEL, METHOD
 from boneage.inference.ensemble import Ensemble
+from boneage.inference.ood import METHOD as OOD_METHOD
 from boneage.io import ImageMeta, list_images, read_image
 from boneage.preprocess import to_uint8
 from boneage.quality import check_usable
@@ -96,11 +97,12 @@ def _round(value: float | None, digits: int) -> float | None:
 
 def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None = None, *,
                   sex: str | None = None, chronological_age: str | float | None = None,
-                  heatmap: bool = True, interval_level: float = DEFAULT_LEVEL) -> Analysis:
+                  heatmap: bool = True, interval_level: float = DEFAULT_LEVEL, ood_check: bool = True) -> Analysis:
     """Analyse a decoded radiograph (``read_image`` output, or any 2-D uint8/uint16 array).
 
     ``sex``/``chronological_age`` override the DICOM header in ``meta``. Raises ``BoneAgeError``
-    (``UnusableImageError``, invalid sex/age); the heatmap needs the PyTorch runtime.
+    (``UnusableImageError``, ``OutOfDistributionError`` unless ``ood_check`` is off, invalid sex/age);
+    the heatmap needs the PyTorch runtime.
     """
     if meta is None:
         meta = ImageMeta("<array>", "array", 16 if image.dtype == np.uint16 else 8, *image.shape[:2])
@@ -126,14 +128,18 @@ def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None
         notes.append("right hand: the image was mirrored to a left hand before analysis")
 
     male = None if sex_code is None else _MALE[sex_code]
+    by_config = predictor.preprocess_all([image])  # once: for the gate and every member
+    record.update(_ood_fields(predictor, by_config, meta.path, ood_check, notes))
     if male is None and any(m.config.model.sex_input for m in predictor.members):
-        as_male, as_female = (float(v) for v in predictor.predict([image, image], [1.0, 0.0]))
+        both = {i: np.concatenate([x, x]) for i, x in by_config.items()}
+        as_male, as_female = (float(v) for v in predictor.predict_preprocessed(both, np.array([1.0, 0.0], np.float32)))
         months = (as_male + as_female) / 2
         record["bone_age_by_sex_months"] = {"M": round(as_male, 1), "F": round(as_female, 1)}
         notes.append(f"sex unknown: {as_female:.1f} months if female, {as_male:.1f} months if male; the bone age "
                      "shown is their mean, and no z-score or category is given (give the sex: F or M)")
     else:
-        months = float(predictor.predict([image], [male])[0])
+        known = np.array([np.nan if male is None else male], np.float32)
+        months = float(predictor.predict_preprocessed(by_config, known)[0])
     bone_age = float(np.clip(months, 0.0, MAX_AGE_MONTHS))
     if bone_age != months:
         notes.append(f"the model's raw output {months:.1f} months was clipped to {bone_age:.0f}; "
@@ -166,6 +172,29 @@ def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None
     elif heatmap:
         notes.append("no heatmap: Grad-CAM needs the PyTorch runtime")
     return Analysis(record, _display(image), overlay)
+
+
+def _ood_fields(predictor: Ensemble, by_config: dict[int, np.ndarray], where: str, check: bool,
+                notes: list[str]) -> dict[str, Any]:
+    """The out-of-distribution score (``boneage.inference.ood``); raises ``OutOfDistributionError`` above 1."""
+    scores = predictor.ood_scores(by_config)
+    if scores is None:
+        notes.append("no out-of-distribution check: the model was trained before it existed (retrain to get one); "
+                     "make sure the image is a hand radiograph")
+        return {"ood_score": None, "ood_method": None}
+    score = float(scores[0])
+    gate = next(m.gate for m in predictor.members if m.gate is not None)
+    method = f"{OOD_METHOD}; refused above the {gate.percentile:g}th percentile of {gate.n} training images' distances"
+    if score > 1.0:
+        if check:
+            raise OutOfDistributionError(
+                f"{where}: does not look like a hand radiograph to the model: its features are {score:.1f} times "
+                f"the refusal threshold away from the training radiographs ({method}); give a left-hand "
+                "radiograph, or switch the check off (--no-ood-check) to analyse it anyway")
+        notes.append(f"out of distribution: the image's features are {score:.1f} times the refusal threshold away "
+                     "from the training radiographs; the check is off, so it was analysed, but the estimate may be "
+                     "meaningless")
+    return {"ood_score": round(score, 2), "ood_method": method}
 
 
 def _interval_fields(predictor: Ensemble, centres: tuple[float, float], level: float,
@@ -238,7 +267,8 @@ def write_outputs(record: dict[str, Any], analysis: Analysis | None, out_dir: st
 def predict_file(predictor: Ensemble, path: str | Path, *, sex: str | None = None,
                  chronological_age: str | float | None = None, right_hand: bool | None = None,
                  keep_identifiers: bool = False, heatmap: bool = True, out_dir: str | Path | None = None,
-                 stem: str | None = None, interval_level: float = DEFAULT_LEVEL) -> dict[str, Any]:
+                 stem: str | None = None, interval_level: float = DEFAULT_LEVEL, ood_check: bool = True
+                 ) -> dict[str, Any]:
     """Read, check and analyse one file; write its reports to ``out_dir`` (if given); return the record.
 
     A bad file (unreadable, unusable, invalid sex/age) gives a record with ``error`` set, not an
@@ -248,7 +278,8 @@ def predict_file(predictor: Ensemble, path: str | Path, *, sex: str | None = Non
     try:
         image, meta = read_image(path, right_hand=right_hand, keep_identifiers=keep_identifiers)
         analysis = predict_array(predictor, image, meta, sex=sex, chronological_age=chronological_age,
-                                 heatmap=heatmap and out_dir is not None, interval_level=interval_level)
+                                 heatmap=heatmap and out_dir is not None, interval_level=interval_level,
+                                 ood_check=ood_check)
         record = analysis.record
     except BoneAgeError as exc:
         message = str(exc)
@@ -288,7 +319,8 @@ def run_predict(args: argparse.Namespace) -> int:
             record = predict_file(predictor, path, sex=sex, chronological_age=ca,
                                   right_hand=True if args.right_hand else None,
                                   keep_identifiers=args.keep_identifiers, heatmap=args.heatmap,
-                                  out_dir=args.out, stem=stem or "image", interval_level=args.interval_level)
+                                  out_dir=args.out, stem=stem or "image", interval_level=args.interval_level,
+                                  ood_check=getattr(args, "ood_check", True))
         except Exception as exc:  # a batch goes on past anything one file can cause
             record = error_record(predictor, path, f"{path}: unexpected error ({type(exc).__name__}: {exc})")
             if args.out:

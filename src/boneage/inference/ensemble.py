@@ -18,6 +18,7 @@ import numpy as np
 from boneage.clinical import MAX_AGE_MONTHS
 from boneage.config import Config, PreprocessConfig
 from boneage.inference.conformal import Calibration
+from boneage.inference.ood import FeatureGate
 from boneage.preprocess import preprocess
 
 # (rotation degrees, x shift, y shift as a fraction of the size); the first view is the image itself
@@ -39,6 +40,9 @@ class EnsembleMember(Protocol):
 
     @property
     def calibration(self) -> Calibration | None: ...
+
+    @property
+    def gate(self) -> FeatureGate | None: ...
 
 
 def tta_views(image: np.ndarray, hflip: bool) -> list[np.ndarray]:
@@ -90,6 +94,29 @@ class Ensemble(ABC):
     @abstractmethod
     def predict_member(self, member: Any, images: np.ndarray, male: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """Months for preprocessed uint8 images [N, S, S] with one member; NaN sex = mean of both sexes."""
+
+    def member_features(self, member: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray | None:
+        """The out-of-distribution gate's features [N, F] of preprocessed uint8 images (no TTA); ``None`` when
+        the runtime's model does not expose them (ONNX files exported before the check)."""
+        return None
+
+    @property
+    def gated(self) -> bool:
+        """Some member can score how far an image is from its training images (``boneage.inference.ood``)."""
+        return any(m.gate is not None for m in self.members)
+
+    def ood_scores(self, by_config: dict[int, np.ndarray]) -> np.ndarray | None:
+        """Per image: the feature distance to the training images as a multiple of the refusal threshold (> 1 is
+        out of distribution), the mean over the members that have a gate; ``None`` when none has."""
+        configs = self.preprocess_configs
+        scores = []
+        for m in self.members:
+            if m.gate is None:
+                continue
+            features = self.member_features(m, by_config[configs.index(m.config.preprocess)])
+            if features is not None:
+                scores.append(m.gate.score(features))
+        return np.mean(scores, axis=0) if scores else None
 
     @property
     def preprocess_configs(self) -> list[PreprocessConfig]:

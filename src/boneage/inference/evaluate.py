@@ -12,6 +12,7 @@ from boneage.data.rsna import read_labels
 from boneage.evaluation import evaluation_report, save_plots, write_results
 from boneage.device import resolve_device
 from boneage.inference.conformal import DEFAULT_LEVEL, METHOD
+from boneage.inference.ood import METHOD as OOD_METHOD
 from boneage.inference.predictor import Predictor
 
 
@@ -22,7 +23,9 @@ def evaluate(checkpoints: Sequence[str | Path], images: str | Path, labels: str 
 
     With calibrated checkpoints the report also gives how often the conformal prediction interval at
     ``interval_level`` held the label (``interval``): on images the checkpoint was not calibrated on, the
-    held-out coverage; on its own validation split it is only a consistency check."""
+    held-out coverage; on its own validation split it is only a consistency check. With a gated checkpoint it
+    also counts how many images the out-of-distribution check would refuse (``ood``): false refusals, since
+    every labelled image is a hand radiograph."""
     predictor = Predictor(list(checkpoints), tta=tta, device=resolve_device(device))
     df = read_labels(labels, images, skip_bad=skip_bad)
     caches = [prepare_cache(df, cfg, cache_dir or default_cache_dir(), workers=workers, skip_bad=skip_bad)
@@ -45,6 +48,14 @@ def evaluate(checkpoints: Sequence[str | Path], images: str | Path, labels: str 
                               "mean_width_months": round(float(np.mean(table["interval_high"] - table["interval_low"])),
                                                          2),
                               "method": METHOD}
+    scores = predictor.ood_scores(by_config)
+    if scores is not None:  # how many of these (labelled, real) radiographs the gate would refuse
+        table["ood_score"] = scores
+        gate = next(m.gate for m in predictor.members if m.gate is not None)
+        report["ood"] = {"n": int(len(table)), "refused": int((scores > 1).sum()),
+                         "refused_pct": round(100 * float((scores > 1).mean()), 2),
+                         "max_score": round(float(scores.max()), 3), "percentile": gate.percentile,
+                         "fit_images": gate.n, "method": OOD_METHOD}
     report["checkpoints"] = [str(c) for c in checkpoints]
     report["tta"] = tta
     report["device"] = predictor.device_label

@@ -3,14 +3,16 @@
 The exported graph takes ``image`` float32 [N, 1, S, S] (after ``preprocess`` and the eval
 transform) and ``male`` float32 [N] (1 male, 0 female; absent for models without a sex input)
 and returns ``months`` float32 [N]: the target mean/std are folded into the graph, so the
-output is already in months. The batch size N is dynamic; S is the checkpoint's
-``preprocess.size``. The file's ``metadata_props`` carry what inference needs without torch
-(all values are strings, JSON where structured):
+output is already in months; and ``features`` float32 [N, F], the last feature map's channel statistics
+that the out-of-distribution gate scores (``boneage.inference.ood``; older exports lack it and skip the
+check). The batch size N is dynamic; S is the checkpoint's ``preprocess.size``. The file's
+``metadata_props`` carry what inference needs without torch (all values are strings, JSON where structured):
 
 ``boneage.config`` (the whole run config), ``boneage.preprocess``, ``boneage.augment``,
 ``boneage.target`` (mean/std, informational: already folded in), ``boneage.output`` ("months"),
 ``boneage.model_name``, ``boneage.sex_input``, ``boneage.input_size``, ``boneage.model_mae_months``
-(validation MAE, "" if unknown), ``boneage.checkpoint`` (file name) and ``boneage.version``.
+(validation MAE, "" if unknown), ``boneage.calibration`` (validation residuals for the prediction
+intervals), ``boneage.ood`` (the fitted gate), ``boneage.checkpoint`` (file name) and ``boneage.version``.
 
 Export uses the torch.export-based exporter (``torch.onnx.export(dynamo=True)``, the supported
 one; the TorchScript exporter is deprecated and cannot export e.g. m46's adaptive pooling at
@@ -36,6 +38,7 @@ from boneage.errors import CheckpointError
 from boneage.device import onnx_providers
 from boneage.inference.conformal import Calibration
 from boneage.inference.ensemble import Ensemble, average_views
+from boneage.inference.ood import FeatureGate
 
 META_PREFIX = "boneage."
 MIN_OPSET = 18  # the lowest opset the torch.export-based exporter writes
@@ -60,8 +63,10 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
             super().__init__()
             self.model = model
 
-        def forward(self, image: torch.Tensor, male: torch.Tensor | None = None) -> torch.Tensor:
-            return self.model(image, male) * std + mean
+        def forward(self, image: torch.Tensor, male: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            # features: what the out-of-distribution gate scores
+            out, features = self.model.forward_with_features(image, male)  # type: ignore[operator]
+            return out * std + mean, features
 
     size = cfg.preprocess.size
     inputs: tuple[torch.Tensor, ...] = (torch.zeros(2, 1, size, size),)
@@ -84,6 +89,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
         "input_size": str(size),
         "model_mae_months": "" if mae is None else repr(float(mae)),
         "calibration": json.dumps(state["calibration"]) if state.get("calibration") else "",
+        "ood": json.dumps(state["ood"]) if state.get("ood") else "",
         "checkpoint": Path(checkpoint).name,
         "version": __version__,
     }
@@ -91,7 +97,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # notes on the shared batch dimension's name
             torch.onnx.export(Months().eval(), inputs, str(tmp), input_names=["image", "male"][:len(inputs)],
-                              output_names=["months"], opset_version=opset, dynamo=True, external_data=False,
+                              output_names=["months", "features"], opset_version=opset, dynamo=True,
+                              external_data=False,
                               dynamic_shapes=tuple({0: batch} for _ in inputs), verbose=False)
         proto = onnx.load(str(tmp))
         onnx.helper.set_model_props(proto, {META_PREFIX + k: v for k, v in meta.items()})
@@ -128,6 +135,16 @@ class OnnxMember:
     def calibration(self) -> Calibration | None:
         text = self.metadata.get("calibration", "")
         return Calibration.from_state(json.loads(text)) if text else None
+
+    @cached_property
+    def gate(self) -> FeatureGate | None:
+        text = self.metadata.get("ood", "")
+        return FeatureGate.from_state(json.loads(text)) if text else None
+
+    @cached_property
+    def has_features(self) -> bool:
+        """Exports since the out-of-distribution check have a second output, ``features``."""
+        return "features" in [o.name for o in self.session.get_outputs()]
 
 
 class OnnxPredictor(Ensemble):
@@ -176,3 +193,17 @@ class OnnxPredictor(Ensemble):
             return member.session.run(["months"], feeds)[0]
 
         return average_views(run, member, images, male, tta=self.tta, batch_size=batch_size)
+
+    def member_features(self, member: OnnxMember, images: np.ndarray, batch_size: int = 32) -> np.ndarray | None:
+        """The export's ``features`` output for preprocessed uint8 images [N, S, S] (eval transform, no TTA)."""
+        if not member.has_features:
+            return None
+        out = []
+        for start in range(0, len(images), batch_size):
+            chunk = np.asarray(images[start:start + batch_size])
+            x = np.stack([member.transform(image=img)["image"] for img in chunk]).astype(np.float32)[:, None]
+            feeds = {"image": x}
+            if member.config.model.sex_input:
+                feeds["male"] = np.zeros(len(x), np.float32)  # the features do not depend on it
+            out.append(member.session.run(["features"], feeds)[0])
+        return np.concatenate(out)

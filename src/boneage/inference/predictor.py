@@ -21,6 +21,7 @@ from boneage.config import Config
 from boneage.errors import CheckpointError
 from boneage.inference.conformal import Calibration
 from boneage.inference.ensemble import Ensemble, average_views
+from boneage.inference.ood import FeatureGate
 from boneage.transforms import build_transforms
 
 
@@ -50,6 +51,10 @@ class Member:
     @cached_property
     def calibration(self) -> Calibration | None:
         return Calibration.from_state(self.state.get("calibration"))
+
+    @cached_property
+    def gate(self) -> FeatureGate | None:
+        return FeatureGate.from_state(self.state.get("ood"))
 
 
 class Predictor(Ensemble):
@@ -85,3 +90,28 @@ class Predictor(Ensemble):
 
         normalised = average_views(run, member, images, male, tta=self.tta, batch_size=batch_size)
         return normalised * member.std + member.mean
+
+    def member_features(self, member: Member, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """The gate's features [N, F] of preprocessed uint8 images [N, S, S] (the eval transform, no TTA)."""
+        return gate_features(member.model, member.transform, images, self.device, batch_size)
+
+
+def gate_features(model: torch.nn.Module, transform: Any, images: np.ndarray, device: torch.device | str = "cpu",
+                  batch_size: int = 32) -> np.ndarray:
+    """What the out-of-distribution gate scores (``BoneAgeNet.forward_with_features``) for preprocessed uint8
+    images [N, S, S] after ``transform`` (the eval one), in eval mode; shared by the fit at the end of training
+    and the check at inference."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                chunk = np.asarray(images[start:start + batch_size])
+                x = torch.from_numpy(np.stack([transform(image=img)["image"] for img in chunk])
+                                     .astype(np.float32)[:, None]).to(device)
+                male = torch.zeros(len(x), device=device) if getattr(model, "sex_input", False) else None
+                out.append(model.forward_with_features(x, male)[1].cpu().numpy())  # type: ignore[operator]
+    finally:
+        model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

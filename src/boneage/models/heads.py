@@ -94,3 +94,16 @@ class BoneAgeNet(nn.Module):
         if image.ndim != 4 or image.shape[1] != 1:
             raise ValueError(f"image must be a grayscale batch [B, 1, H, W], got shape {tuple(image.shape)}")
         return self.head(self.encoder(image), male)
+
+    def forward_with_features(self, image: torch.Tensor, male: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` and, from the same pass, the out-of-distribution gate's features ``[B, 2C]``: the mean
+        and the standard deviation of each channel of the ``cam_layer`` feature map (``boneage.inference.ood``)."""
+        grabbed: list[torch.Tensor] = []
+        handle = self.cam_layer.register_forward_hook(lambda module, args, output: grabbed.append(output))
+        try:
+            out = self(image, male)
+        finally:
+            handle.remove()
+        fmap = grabbed[-1].float()
+        return out, torch.cat([fmap.mean(dim=(2, 3)), fmap.std(dim=(2, 3), correction=0)], dim=1)

@@ -16,7 +16,7 @@ COLUMNS = (
     "interval_level", "chronological_age_months", "chronological_age_source",
     "sex", "sex_source", "difference_months", "sd_months", "z_score", "category", "category_certainty",
     "model_mae_months",
-    "models", "runtime", "tta", "mirrored", "heatmap", "warnings",
+    "models", "runtime", "tta", "ood_score", "mirrored", "heatmap", "warnings",
 )
 
 

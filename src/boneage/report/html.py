@@ -110,6 +110,8 @@ def render_html(record: dict[str, Any], radiograph: np.ndarray | None = None,
             ("Model's measured error", mae_text),
             ("Models", e(", ".join(f"{m} ({a})" for m, a in zip(r["models"], r["architectures"])))),
             ("Runtime", e(f'{r["runtime"]}, test-time augmentation {"on" if r["tta"] else "off"}')),
+            ("Image check", "&mdash;" if r.get("ood_score") is None else e(
+                f'feature distance {r["ood_score"]:.2f} \u00d7 the refusal threshold ({r["ood_method"]})')),
         ]) + "</table>")
     if r.get("warnings"):
         parts.append('<div class="warn"><strong>Warnings</strong><ul>'

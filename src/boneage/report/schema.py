@@ -1,4 +1,4 @@
-"""The per-image JSON record (schema version 1.0): field order, empty record, fixed texts.
+"""The per-image JSON record (schema version 1.2): field order, empty record, fixed texts.
 
 Every record has every field, in this order; fields that do not apply are ``null``. A file that
 could not be analysed has ``error`` set and null results. See ``SCHEMA.md`` beside this module
@@ -12,7 +12,8 @@ from typing import Any
 from boneage import __version__
 from boneage.clinical import REFERENCE as GP_REFERENCE
 
-SCHEMA_VERSION = "1.1"  # 1.1: the interval fields, bone_age_by_sex_months, normal range, certainty, standard
+SCHEMA_VERSION = "1.2"  # 1.1: the interval fields, bone_age_by_sex_months, normal range, certainty, standard;
+# 1.2: ood_score, ood_method
 REFERENCE_STANDARD = "Greulich & Pyle, Brush Foundation standard deviations"
 RUO_NOTICE = "Research use only \u2014 not a certified medical device"
 DISCLAIMER_DETAIL = (
@@ -33,7 +34,7 @@ FIELDS = (
     "sex", "sex_source",
     "difference_months", "sd_months", "z_score", "category", "category_reason", "summary",
     "normal_range_months", "category_certainty", "reference_standard",
-    "model_mae_months", "models", "architectures", "runtime", "tta",
+    "model_mae_months", "models", "architectures", "runtime", "tta", "ood_score", "ood_method",
     "mirrored", "image", "heatmap", "warnings",
     "references", "disclaimer", "boneage_version", "identifiers",
 )

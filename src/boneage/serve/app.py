@@ -80,7 +80,8 @@ def create_app(checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0
                tta: bool = True, heatmap: bool = True, max_queue: int = 32, report_cache: int = 32,
                warmup: bool = True, interval_level: float = 0.9,
                allowed_hosts: Sequence[str] | None = None,
-               upload_idle_timeout_s: float = UPLOAD_IDLE_TIMEOUT_S, device: str = "auto") -> FastAPI:
+               upload_idle_timeout_s: float = UPLOAD_IDLE_TIMEOUT_S, device: str = "auto",
+               ood_check: bool = True) -> FastAPI:
     """The FastAPI app with the model(s) loaded; ``CheckpointError`` if a checkpoint cannot be used.
 
     ``workers`` inference threads; uploads over ``max_upload_mb`` get 413; at most ``max_queue`` analyses
@@ -91,7 +92,7 @@ def create_app(checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0
     """
     service = Service(checkpoints, max_upload_mb=max_upload_mb, workers=workers, tta=tta, heatmap=heatmap,
                       max_queue=max_queue, report_cache=report_cache, warmup=warmup, interval_level=interval_level,
-                      device=device)
+                      device=device, ood_check=ood_check)
     app = FastAPI(
         docs_url=None, redoc_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN: not offline
         title="boneage",

@@ -30,7 +30,7 @@ class ImageInfo(BaseModel):
 
 
 class ReportRecord(BaseModel):
-    """The ``boneage predict`` JSON record (schema 1.1, see SCHEMA.md)."""
+    """The ``boneage predict`` JSON record (schema 1.2, see SCHEMA.md)."""
 
     schema_version: str
     file: str = Field(description="the upload's file name")
@@ -62,6 +62,9 @@ class ReportRecord(BaseModel):
     architectures: list[str]
     runtime: str
     tta: bool
+    ood_score: float | None = Field(description="feature distance to the training radiographs as a multiple of the "
+                                                "refusal threshold (> 1 is refused); null: model without the check")
+    ood_method: str | None
     mirrored: bool | None
     image: ImageInfo | None
     heatmap: str | None = Field(description="URL of the Grad-CAM overlay PNG while the report is kept")

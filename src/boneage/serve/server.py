@@ -109,7 +109,8 @@ def run_server(args: argparse.Namespace) -> int:
     try:
         allowed = (*LOOPBACK_NAMES, args.host) if _is_loopback(args.host) else None  # DNS-rebinding defence
         app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, workers=args.workers,
-                         interval_level=args.interval_level, allowed_hosts=allowed, device=args.device)
+                         interval_level=args.interval_level, allowed_hosts=allowed, device=args.device,
+                         ood_check=getattr(args, "ood_check", True))
     except BaseException:
         sock.close()
         raise

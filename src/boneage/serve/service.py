@@ -110,7 +110,8 @@ class Service:
 
     def __init__(self, checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0, workers: int = 2,
                  tta: bool = True, heatmap: bool = True, max_queue: int = 32, report_cache: int = 32,
-                 warmup: bool = True, interval_level: float = 0.9, device: str = "auto") -> None:
+                 warmup: bool = True, interval_level: float = 0.9, device: str = "auto",
+                 ood_check: bool = True) -> None:
         if not checkpoints:
             raise BoneAgeError("no checkpoint given; pass --checkpoint PATH (repeat it for an ensemble)")
         if not max_upload_mb > 0:
@@ -120,6 +121,7 @@ class Service:
         if not 0.5 <= interval_level <= 0.995:
             raise BoneAgeError(f"--interval-level must be from 0.5 to 0.995, not {interval_level}")
         self.interval_level = float(interval_level)
+        self.ood_check = bool(ood_check)
         self.predictor = load_predictor(checkpoints, runtime="torch", tta=tta, device=device)
         self.cam_predictor = _cam_copy(self.predictor) if heatmap else None
         self._cam_lock = threading.Lock()
@@ -216,7 +218,8 @@ class Service:
                 image, meta = read_image(path, right_hand=True if right_hand else None, keep_identifiers=False)
                 meta.path = name
                 analysis = predict_array(self.predictor, image, meta, sex=sex, chronological_age=chronological_age,
-                                         heatmap=False, interval_level=self.interval_level)
+                                         heatmap=False, interval_level=self.interval_level,
+                                         ood_check=self.ood_check)
             except UnusableImageError as exc:
                 raise ApiError(422, f"unusable image: {str(exc).replace(str(path), name)}") from exc
             except ImageReadError as exc:

@@ -5,7 +5,8 @@
 2. split train/validation (stratified by age band and sex, or k-fold);
 3. normalise the target with the training split's mean and std;
 4. run ``BoneAgeRunner`` (a Catalyst ``IRunner``) whose callbacks compute validation MAE in
-   months on the whole validation set, write checkpoints atomically, resume, stop early.
+   months on the whole validation set, write checkpoints atomically, resume, stop early;
+5. fit the out-of-distribution gate on training images' features into ``best.pt`` (``training.gate``).
 
 Engines: ``cpu``, ``gpu`` (AMP optional) and ``ddp`` (Catalyst's DistributedDataParallelEngine;
 gloo on CPU, nccl on GPU). Only rank 0 writes checkpoints and logs.
@@ -34,6 +35,7 @@ from boneage.data.cache import default_cache_dir, open_cache, prepare_cache
 from boneage.data.dataset import BoneAgeDataset
 from boneage.data.rsna import read_labels
 from boneage.data.splits import kfold_split, train_val_split
+from boneage.training.gate import fit_gate
 from boneage.errors import BoneAgeError, ConfigError
 from boneage.models import create_model
 from boneage.models.registry import check_model_args
@@ -288,6 +290,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
     runner = BoneAgeRunner(cfg, run_dir, cache.path, train_idx, val_idx, target, resume_from)
     runner.run()
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    if cfg.model.task == "age" and metrics["best"] and (run_dir / "best.pt").is_file():
+        fit_gate(run_dir / "best.pt", cache, train_idx, seed=cfg.train.seed)
     metrics["wall_s_this_call"] = round(time.monotonic() - start, 1)
     if not metrics["best"]:  # stopped before any validation batch: keep last.pt and metrics.json, say so
         raise BoneAgeError(f"{metrics.get('no_validation', 'no validation ran')}: {run_dir / 'last.pt'} holds the "

@@ -119,6 +119,20 @@
         : iv[0].toFixed(0) + "\u2013" + iv[1].toFixed(0) + " months, " +
           (100 * record.interval_level).toFixed(0) + "% prediction interval (split conformal)"
     );
+    const nr = record.normal_range_months;
+    setText(
+      "normal-range",
+      nr === null
+        ? "\u2014 (needs the chronological age and sex)"
+        : nr[0].toFixed(0) + "\u2013" + nr[1].toFixed(0) + " months (chronological age \u00b1 2 SD; " +
+          record.reference_standard + ")" + (record.category_certainty ? "; " + record.category_certainty : "")
+    );
+    setText(
+      "ood",
+      record.ood_score === null
+        ? "no out-of-distribution check in this model"
+        : "passed: feature distance " + record.ood_score.toFixed(2) + " \u00d7 the refusal threshold"
+    );
     setText(
       "models",
       record.architectures.join(", ") + " \u00d7" + record.models.length +
