@@ -1,11 +1,13 @@
 """Peak memory of ``boneage serve`` under concurrent uploads of small files that decode to huge images.
 
 Starts the server as a subprocess (``--workers`` inference threads: at most that many uploads are decoded
-at once; the rest wait in the queue; ``--no-ood-check``, so that accepted images take the whole path), then, kind by kind, sends ``--clients`` concurrent uploads and
-reads the server's peak resident set (``VmHWM`` of ``/proc/PID/status``) after each kind:
+at once; the rest wait in the queue; ``--no-ood-check``, so that accepted images take the whole path), then,
+kind by kind, sends ``--clients`` concurrent uploads and reads the server's peak resident set (``VmHWM`` of
+``/proc/PID/status``) after each kind:
 
 - ``bomb``: a 9999 x 9999 8-bit PNG (a few hundred KB): refused from its header (pixel budget);
-- ``big16``: a 5999 x 5999 16-bit PNG of a blocky phantom hand (just under the 36 MP budget): decoded and analysed;
+- ``big16``: a 5999 x 5999 16-bit PNG of a blocky phantom hand (just under the 36 MP budget): decoded and
+  analysed;
 - ``small``: a 299 x 299 8-bit phantom hand, the size the model is trained on.
 
 Writes ``results/serve_memory.json``::

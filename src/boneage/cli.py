@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--right-hand", action="store_true", help="images show a right hand: mirror them")
     p.add_argument("--no-ood-check", dest="ood_check", action="store_false", default=True,
                    help="analyse images that the model's out-of-distribution check refuses (with a warning)")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=16, metavar="N",
+                   help="images per model call (default 16)")
+    p.add_argument("--workers", type=int_in(0, 64), default=0, metavar="W",
+                   help="processes that decode and preprocess files (default 0: in this process)")
     _add_device_arg(p)
     p.add_argument("--keep-identifiers", action="store_true", help="copy DICOM patient identifiers into reports")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="torch, or an ONNX file via "

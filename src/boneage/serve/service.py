@@ -7,7 +7,6 @@ import base64
 import contextlib
 import copy
 import dataclasses
-import io
 import logging
 import re
 import shutil
@@ -20,11 +19,11 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
-from PIL import Image
 
 from boneage.errors import BoneAgeError, ImageReadError, UnusableImageError
 from boneage.inference.batch import load_predictor, predict_array
 from boneage.io import IMAGE_SUFFIXES, _sniff, read_image
+from boneage.report.images import png_bytes
 from boneage.report.schema import RUO_NOTICE
 from boneage.serve.schemas import API, MB, _MALE, _REPORT_ID
 
@@ -87,11 +86,8 @@ def _cam_copy(predictor: Any) -> Any:
 
 
 def fast_png(image: np.ndarray) -> bytes:
-    """PNG bytes for the API response: zlib level 1 and no ``optimize`` pass, several times faster than the
-    reports' PNGs (``boneage.report.png_bytes``) for ~20 % more bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    """PNG bytes for the API response: zlib level 1, faster than the reports' level 6 for ~25 % more bytes."""
+    return png_bytes(image, compress_level=1)
 
 
 def display_name(filename: str | None) -> str:
