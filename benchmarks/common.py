@@ -24,6 +24,15 @@ DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
 BIG_IMAGE_HW = (2000, 1500)  # typical size of a full-resolution RSNA original (height, width)
 
 
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (for a server subprocess)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def log(message: str) -> None:
     """Progress line on stderr (stdout stays free for the summary)."""
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)

@@ -21,9 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import DEFAULT_OUT_DIR, hardware_info, log, now_iso
+from benchmarks.common import DEFAULT_OUT_DIR, hardware_info, log, write_result
 from benchmarks.nonhand import nonhand_images
-from boneage.atomic import write_text
 from boneage.checkpoint import config_from_checkpoint, load_checkpoint
 from boneage.data.cache import default_cache_dir, prepare_cache
 from boneage.data.rsna import read_labels
@@ -74,7 +73,7 @@ def measure(checkpoint: Path, *, fit: bool, out_checkpoint: Path | None, nonhand
     gate = predictor.members[0].gate
     assert gate is not None
     return {
-        "name": "ood", "mode": "full", "date": now_iso(), "hardware": hardware_info(),
+        "name": "ood", "mode": "full",
         "checkpoint": checkpoint.name, "method": METHOD, "percentile": gate.percentile, "fit_images": gate.n,
         "fit_s": fit_s,
         "held_out_n": int(len(held_out)), "held_out_refused": int((held_out > 1).sum()),
@@ -101,8 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="folder for ood.json")
     args = p.parse_args(argv)
     result = measure(args.checkpoint, fit=args.fit, out_checkpoint=args.out_checkpoint)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "ood.json", json.dumps(result, indent=2))
+    write_result(args.out, "ood", result, hardware_info())
     print(json.dumps({k: v for k, v in result.items() if k not in ("hardware", "nonhand_passed_scores")}, indent=2))
     return 0
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,8 +31,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import DEFAULT_OUT_DIR, hardware_info, log, now_iso
-from boneage.atomic import write_text
+from benchmarks.common import DEFAULT_OUT_DIR, free_port, hardware_info, log, write_result
 from boneage.data.synth import render_phantom
 
 
@@ -64,9 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = p.parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="boneage-serve-memory-") as tmp:
         files = make_files(Path(tmp))
         server = subprocess.Popen([sys.executable, "-m", "boneage", "serve", "--checkpoint", str(args.checkpoint),
@@ -103,12 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.terminate()
             server.wait(timeout=30)
-    result = {"name": "serve_memory", "mode": "full", "date": now_iso(), "hardware": hardware_info(),
+    result = {"name": "serve_memory", "mode": "full",
               "checkpoint": args.checkpoint.name, "workers": args.workers, "clients": args.clients,
               "idle_rss_mb": round(idle_mb, 0), "kinds": kinds,
               "peak_rss_mb": max(k["peak_rss_mb_after"] for k in kinds.values())}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "serve_memory.json", json.dumps(result, indent=2))
+    write_result(args.out, "serve_memory", result, hardware_info())
     print(json.dumps({k: v for k, v in result.items() if k != "hardware"}, indent=2))
     return 0
 

@@ -26,8 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from benchmarks.common import DEFAULT_OUT_DIR, REPO_ROOT, hardware_info, log, now_iso
-from boneage.atomic import write_text
+from benchmarks.common import DEFAULT_OUT_DIR, REPO_ROOT, free_port, hardware_info, log, write_result
 from boneage.data.synth import render_phantom
 
 sys.path.insert(0, str(REPO_ROOT / "tests"))
@@ -211,9 +210,7 @@ def api_cases(ck: Path) -> list[dict[str, Any]]:
 
 def socket_cases(ck: Path) -> list[dict[str, Any]]:
     """A stalled upload (Content-Length larger than the body) and a chunked upload over the limit, live."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "boneage", "serve", "--checkpoint", str(ck), "--port", str(port),
                                "--max-upload-mb", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results = []
@@ -263,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         live = socket_cases(work / "m.pt")
     http = api + live
     result = {
-        "name": "sweep", "mode": "full", "date": now_iso(), "hardware": hardware_info(),
+        "name": "sweep", "mode": "full",
         "cli_cases": len(cli), "cli_tracebacks": sum(c["traceback"] for c in cli),
         "cli_native_crashes": sum(c["crash"] for c in cli),
         "cli_unexpected_exit_codes": sum(c["rc"] not in (0, 1, 2) for c in cli),
@@ -275,8 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         "chunked_over_limit_status": next(c["status"] for c in live if c["case"] == "chunked over the limit"),
         "cli": cli, "api": http,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "sweep.json", json.dumps(result, indent=2))
+    write_result(args.out, "sweep", result, hardware_info())
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (list, dict))}, indent=2))
     bad = [c for c in cli if c["traceback"] or c["crash"] or c["rc"] not in (0, 1, 2)]
     bad += [c for c in http if c["status"] >= 500 or c["status"] == 0]

@@ -23,8 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_OUT_DIR, DEFAULT_RSNA_DIR, hardware_info, log, now_iso
-from boneage.atomic import write_text
+from benchmarks.common import DEFAULT_OUT_DIR, DEFAULT_RSNA_DIR, hardware_info, log, write_result
 
 CONFIGS = [  # (name, runtime, mode, workers, heatmap)
     ("onnx per-file", "onnx", "per-file", 0, False),
@@ -87,11 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]["files_per_s"]
     for row in rows:
         row["speedup_vs_onnx_per_file"] = round(row["files_per_s"] / base, 2)
-    result = {"name": "throughput", "mode": "full", "date": now_iso(), "hardware": hardware_info(),
+    result = {"name": "throughput", "mode": "full",
               "checkpoint": args.checkpoint.name, "n": len(files), "tta": False, "batch_size": 16, "rows": rows,
               "onnx_batched_speedup": max(r["speedup_vs_onnx_per_file"] for r in rows[1:3])}
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_text(args.out / "throughput.json", json.dumps(result, indent=2))
+    write_result(args.out, "throughput", result, hardware_info())
     print(json.dumps({k: v for k, v in result.items() if k != "hardware"}, indent=2))
     return 0
 

@@ -5,6 +5,12 @@ class BoneAgeError(Exception):
     """Base class: the message names the file/row, what is wrong and what to do."""
 
 
+def about_file(path: object, exc: BaseException) -> str:
+    """``exc``'s message for a per-file error record: prefixed with ``path`` unless it already names it."""
+    message = str(exc)
+    return message if str(path) in message else f"{path}: {message}"
+
+
 class DataError(BoneAgeError):
     """A labels file or image folder is malformed."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from boneage.atomic import remove_partial_files
-from boneage.errors import BoneAgeError, CheckpointError
+from boneage.errors import BoneAgeError, CheckpointError, about_file
 from boneage.inference.analysis import (Analysis, _certainty, _model_fields, parse_request,  # noqa: F401 (re-exported)
                                         predict_array)
 from boneage.inference.conformal import DEFAULT_LEVEL
@@ -81,8 +81,7 @@ def predict_file(predictor: Ensemble, path: str | Path, *, sex: str | None = Non
                                  ood_check=ood_check)
         record = analysis.record
     except BoneAgeError as exc:
-        message = str(exc)
-        record = error_record(predictor, path, message if str(path) in message else f"{path}: {message}")
+        record = error_record(predictor, path, about_file(path, exc))
     if out_dir is not None:
         write_outputs(record, analysis, out_dir, stem or Path(path).stem)
     return record
@@ -168,8 +167,7 @@ def predict_many(predictor: Ensemble, paths: Sequence[Path], *, out_dir: str | P
                                       ood_check=ood_check)
                     record = analysis.record
                 except BoneAgeError as exc:
-                    message = str(exc)
-                    record = error_record(predictor, path, message if str(path) in message else f"{path}: {message}")
+                    record = error_record(predictor, path, about_file(path, exc))
                 except Exception as exc:  # noqa: BLE001 - a batch goes on past anything one file can cause
                     record = error_record(predictor, path, f"{path}: unexpected error ({type(exc).__name__}: {exc})")
             if out_dir is not None:

@@ -10,7 +10,7 @@ the members are averaged.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -56,6 +56,13 @@ def tta_views(image: np.ndarray, hflip: bool) -> list[np.ndarray]:
     if hflip:
         views.append(np.ascontiguousarray(image[:, ::-1]))
     return views
+
+
+def eval_batches(transform: Any, images: np.ndarray, batch_size: int = 32) -> Iterator[np.ndarray]:
+    """Preprocessed uint8 images [N, S, S] through the eval ``transform``, as float32 batches [B, 1, S, S]."""
+    for start in range(0, len(images), batch_size):
+        chunk = np.asarray(images[start:start + batch_size])
+        yield np.stack([transform(image=img)["image"] for img in chunk]).astype(np.float32)[:, None]
 
 
 def average_views(run: RunFn, member: EnsembleMember, images: np.ndarray, male: np.ndarray, *, tta: bool,

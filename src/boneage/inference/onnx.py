@@ -37,7 +37,7 @@ from boneage.config import Config
 from boneage.errors import CheckpointError
 from boneage.device import onnx_providers
 from boneage.inference.conformal import Calibration
-from boneage.inference.ensemble import Ensemble, average_views
+from boneage.inference.ensemble import Ensemble, average_views, eval_batches
 from boneage.inference.ood import FeatureGate
 
 META_PREFIX = "boneage."
@@ -199,9 +199,7 @@ class OnnxPredictor(Ensemble):
         if not member.has_features:
             return None
         out = []
-        for start in range(0, len(images), batch_size):
-            chunk = np.asarray(images[start:start + batch_size])
-            x = np.stack([member.transform(image=img)["image"] for img in chunk]).astype(np.float32)[:, None]
+        for x in eval_batches(member.transform, images, batch_size):
             feeds = {"image": x}
             if member.config.model.sex_input:
                 feeds["male"] = np.zeros(len(x), np.float32)  # the features do not depend on it

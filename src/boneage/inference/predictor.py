@@ -20,7 +20,7 @@ from boneage.checkpoint import model_from_checkpoint
 from boneage.config import Config
 from boneage.errors import CheckpointError
 from boneage.inference.conformal import Calibration
-from boneage.inference.ensemble import Ensemble, average_views
+from boneage.inference.ensemble import Ensemble, average_views, eval_batches
 from boneage.inference.ood import FeatureGate
 from boneage.transforms import build_transforms
 
@@ -106,10 +106,8 @@ def gate_features(model: torch.nn.Module, transform: Any, images: np.ndarray, de
     out = []
     try:
         with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                chunk = np.asarray(images[start:start + batch_size])
-                x = torch.from_numpy(np.stack([transform(image=img)["image"] for img in chunk])
-                                     .astype(np.float32)[:, None]).to(device)
+            for batch in eval_batches(transform, images, batch_size):
+                x = torch.from_numpy(batch).to(device)
                 male = torch.zeros(len(x), device=device) if getattr(model, "sex_input", False) else None
                 out.append(model.forward_with_features(x, male)[1].cpu().numpy())  # type: ignore[operator]
     finally:

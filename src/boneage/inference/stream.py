@@ -15,7 +15,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from boneage.errors import BoneAgeError
+from boneage.errors import BoneAgeError, about_file
 from boneage.inference.analysis import Pending, prepare
 from boneage.io import read_image
 
@@ -29,8 +29,7 @@ def _load(args: tuple[Path, Sequence[Any], str | None, float | None, bool | None
         image, meta = read_image(path, right_hand=right_hand, keep_identifiers=keep_identifiers)
         return prepare(configs, image, meta, sex=sex, chronological_age=age, keep_image=keep_image)
     except BoneAgeError as exc:
-        message = str(exc)
-        return message if str(path) in message else f"{path}: {message}"
+        return about_file(path, exc)
     except Exception as exc:  # noqa: BLE001 - one file must not end the batch
         return f"{path}: unexpected error ({type(exc).__name__}: {exc})"
 
