@@ -177,6 +177,33 @@ _SETUP_PIP = python -m pip install --progress-bar=off --no-cache-dir -r $(PROJEC
 	&& python -m pip install --progress-bar=off --no-cache-dir --no-deps /tmp/boneage-build \
 	&& rm -rf /tmp/boneage-build
 
+# Internal: the one definition of a training job, shared by `training` and `training-ddp`:
+# $(call _TRAINING_RUN,JOB NAME,PRESET,RUN FOLDER under RESULTS_MOUNT,extra `boneage train` options).
+# Everything else (restart policy, life span, tag, volumes and their modes, env, workdir, image, the
+# `boneage train` data/config/resume arguments and TRAIN_EXTRA last) is the same for both jobs.
+define _TRAINING_RUN
+$(APOLO) run \
+	--name $(1) \
+	--preset $(2) \
+	--detach \
+	--restart $(TRAINING_RESTART) \
+	--life-span $(TRAINING_LIFE_SPAN) \
+	--tag $(JOB_TAG) \
+	--volume $(CODE_STORAGE):$(CODE_MOUNT):ro \
+	--volume $(DATA_STORAGE):$(DATA_MOUNT):ro \
+	--volume $(RESULTS_STORAGE):$(RESULTS_MOUNT):rw \
+	--env PYTHONPATH=$(CODE_MOUNT) \
+	--workdir $(PROJECT_MOUNT) \
+	$(CUSTOM_ENV) \
+	-- boneage train \
+		--config $(CONFIG) \
+		--images $(DATA_MOUNT)/$(IMAGES_SUBDIR) \
+		--labels $(DATA_MOUNT)/$(LABELS_FILE) \
+		--out $(RESULTS_MOUNT)/$(3) \
+		--resume \
+		$(4) $(TRAIN_EXTRA)
+endef
+
 # Internal: marks that `$(PIP) install -e '.[dev]'` ran for the Python environment PYTHON resolves to now (one
 # stamp per interpreter path, so a new venv gets its own install); `make clean-local` removes the stamps.
 _DEV_STAMP = .make/setup-dev$(subst /,_,$(shell command -v $(PYTHON) 2>/dev/null || echo $(PYTHON))).stamp
@@ -308,52 +335,12 @@ clean-results: ## Delete ALL training runs and checkpoints from platform storage
 
 .PHONY: training
 training: upload-code ## Train CONFIG on a TRAINING_PRESET GPU; restarts and resumes after preemption
-	$(APOLO) run \
-		--name $(TRAINING_JOB) \
-		--preset $(TRAINING_PRESET) \
-		--detach \
-		--restart $(TRAINING_RESTART) \
-		--life-span $(TRAINING_LIFE_SPAN) \
-		--tag $(JOB_TAG) \
-		--volume $(CODE_STORAGE):$(CODE_MOUNT):ro \
-		--volume $(DATA_STORAGE):$(DATA_MOUNT):ro \
-		--volume $(RESULTS_STORAGE):$(RESULTS_MOUNT):rw \
-		--env PYTHONPATH=$(CODE_MOUNT) \
-		--workdir $(PROJECT_MOUNT) \
-		$(CUSTOM_ENV) \
-		-- boneage train \
-			--config $(CONFIG) \
-			--images $(DATA_MOUNT)/$(IMAGES_SUBDIR) \
-			--labels $(DATA_MOUNT)/$(LABELS_FILE) \
-			--out $(RESULTS_MOUNT)/$(RUN_NAME) \
-			--resume \
-			$(TRAIN_EXTRA)
+	$(call _TRAINING_RUN,$(TRAINING_JOB),$(TRAINING_PRESET),$(RUN_NAME),)
 	@echo "Follow it with: $(APOLO) logs $(TRAINING_JOB)   (or make logs-training)"
 
 .PHONY: training-ddp
 training-ddp: upload-code ## Train CONFIG with DDP on DDP_GPUS GPUs of DDP_PRESET; resumes too
-	$(APOLO) run \
-		--name $(TRAINING_DDP_JOB) \
-		--preset $(DDP_PRESET) \
-		--detach \
-		--restart $(TRAINING_RESTART) \
-		--life-span $(TRAINING_LIFE_SPAN) \
-		--tag $(JOB_TAG) \
-		--volume $(CODE_STORAGE):$(CODE_MOUNT):ro \
-		--volume $(DATA_STORAGE):$(DATA_MOUNT):ro \
-		--volume $(RESULTS_STORAGE):$(RESULTS_MOUNT):rw \
-		--env PYTHONPATH=$(CODE_MOUNT) \
-		--workdir $(PROJECT_MOUNT) \
-		$(CUSTOM_ENV) \
-		-- boneage train \
-			--config $(CONFIG) \
-			--images $(DATA_MOUNT)/$(IMAGES_SUBDIR) \
-			--labels $(DATA_MOUNT)/$(LABELS_FILE) \
-			--out $(RESULTS_MOUNT)/$(DDP_RUN_NAME) \
-			--resume \
-			--engine ddp \
-			--ddp-workers $(DDP_GPUS) \
-			$(TRAIN_EXTRA)
+	$(call _TRAINING_RUN,$(TRAINING_DDP_JOB),$(DDP_PRESET),$(DDP_RUN_NAME),--engine ddp --ddp-workers $(DDP_GPUS))
 	@echo "Follow it with: $(APOLO) logs $(TRAINING_DDP_JOB)"
 
 .PHONY: logs-training
@@ -462,9 +449,9 @@ $(_DEV_STAMP): pyproject.toml $(CONSTRAINTS)
 	@mkdir -p $(@D) && touch $@
 
 .PHONY: lock-dev
-lock-dev: ## Rewrite requirements-dev.txt from PYTHON's environment (pip freeze); see README, "Pinned versions"
+lock-dev: ## Rewrite requirements-dev.txt from PYTHON's environment (pip freeze); see docs/development.md, "Pinned versions"
 	@{ echo "# Exact versions of a green 'make test' (pip constraints: make setup-local / make test install with -c)."; \
-	  echo "# Regenerate with 'make lock-dev' in a fresh venv; see the README, section 'Pinned versions'."; \
+	  echo "# Regenerate with 'make lock-dev' in a fresh venv; see docs/development.md, section 'Pinned versions'."; \
 	  $(PIP) freeze --exclude-editable | grep -v -i -E '^boneage(==| @)'; } > requirements-dev.txt.tmp
 	mv requirements-dev.txt.tmp requirements-dev.txt
 
@@ -522,6 +509,10 @@ test: $(_DEV_STAMP) ## Run the test suite (installs the [dev] test tools into PY
 lint: $(_DEV_STAMP) ## flake8 on src and tests, mypy on src
 	$(PYTHON) -m flake8 src tests
 	$(PYTHON) -m mypy src
+
+.PHONY: docs
+docs: $(_DEV_STAMP) ## Build the documentation site into site/ (MkDocs, --strict: a broken link fails)
+	$(PYTHON) -m mkdocs build --strict
 
 .PHONY: bench
 bench: ## Run the benchmarks

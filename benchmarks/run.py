@@ -5,7 +5,9 @@
     python -m benchmarks.run --only data,inference # some of them; RESULTS.md keeps the others' JSON
 
 Each benchmark writes ``<out>/<name>.json`` (data, train, inference, accuracy); RESULTS.md is then
-rebuilt from every JSON file present in ``<out>``.
+rebuilt from every JSON file present in ``<out>``, and a full run into benchmarks/results also rewrites the
+generated part of docs/benchmarks.md. To re-render both from the committed JSON files without running anything:
+``python -c "from benchmarks.run import refresh_docs; refresh_docs()"``.
 """
 
 from __future__ import annotations
@@ -124,7 +126,7 @@ def _data_md(r: dict[str, Any]) -> list[str]:
     for name, s in r["image_sets"].items():
         lines.append(f"| {name} | {_f(s['cache_build_s'])} s | {_f(s['cache_build_ms_per_image'])} ms "
                      f"| {s['cache_build_workers']} | {_f(s['ours_first_epoch_incl_cache_samples_per_s'], 0)}/s |")
-    lines += ["", f"Output {r['output_size']} px, batch {r['batch_size']}, {r['statistic']}."]
+    lines += ["", f"Output {r['output_size']} px, batch {r['batch_size']}, {r['statistic']}.", ""]
     lines += [f"- {n}" for n in r.get("notes", [])]
     return lines
 
@@ -161,6 +163,8 @@ def _inference_md(r: dict[str, Any]) -> list[str]:
     lines += ["", f"End to end, one file ({e2e['steps']}): PyTorch p50 {_f(e2e['torch']['p50_ms'], 1)} ms, "
               f"ONNX Runtime p50 {_f(e2e['onnx']['p50_ms'], 1)} ms. Largest torch/ONNX difference: "
               f"{r['max_abs_diff_months_torch_vs_onnx']:.2g} months."]
+    if r.get("notes"):
+        lines.append("")
     lines += [f"- {n}" for n in r.get("notes", [])]
     return lines
 
@@ -315,20 +319,36 @@ def render_results(out_dir: Path) -> Path:
     return target
 
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-README_START, README_END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
+BENCHMARKS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+PAGE_START, PAGE_END = "<!-- BENCHMARKS:START -->", "<!-- BENCHMARKS:END -->"
+PAGE_NOTE = ("<!-- Generated from benchmarks/results/*.json by benchmarks/run.py (include_in_docs): do not edit by "
+             "hand; re-render with `python -c \"from benchmarks.run import refresh_docs; refresh_docs()\"`. -->")
 
 
-def include_in_readme(results_md: Path, readme: Path = README) -> bool:
-    """Copy RESULTS.md (headings one level down) between the README's benchmark markers."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
+def include_in_docs(results_md: Path, page: Path = BENCHMARKS_PAGE) -> bool:
+    """Copy the sections of RESULTS.md (from its first ``## `` heading on) between the page's benchmark markers.
+
+    The page's own text outside the markers is kept; the part between them is only ever written here, so the
+    docs' tables are always those rendered from the JSON files. False (nothing written) when a marker is missing.
+    """
+    text = page.read_text(encoding="utf-8")
+    if PAGE_START not in text or PAGE_END not in text:
         return False
-    body = "\n".join("#" + line if line.startswith("#") else line
-                     for line in results_md.read_text().splitlines()[1:]).strip()
-    head, rest = text.split(README_START, 1)
-    readme.write_text(f"{head}{README_START}\n{body}\n{README_END}{rest.split(README_END, 1)[1]}")
+    lines = results_md.read_text(encoding="utf-8").splitlines()
+    first = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    body = "\n".join(lines[first:]).strip()
+    head, rest = text.split(PAGE_START, 1)
+    page.write_text(f"{head}{PAGE_START}\n{PAGE_NOTE}\n\n{body}\n\n{PAGE_END}{rest.split(PAGE_END, 1)[1]}",
+                    encoding="utf-8")
     return True
+
+
+def refresh_docs(out_dir: Path = DEFAULT_OUT_DIR, page: Path = BENCHMARKS_PAGE) -> Path:
+    """Re-render ``<out_dir>/RESULTS.md`` and the tables of docs/benchmarks.md from the JSON files; runs nothing."""
+    md = render_results(out_dir)
+    if not include_in_docs(md, page):
+        raise ValueError(f"{page} lacks the {PAGE_START} / {PAGE_END} markers")
+    return md
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -357,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work_dir, ignore_errors=True)
     md = render_results(args.out)
     log(f"wrote {md} ({time.perf_counter() - start:.0f} s in all)")
-    if not args.quick and args.out.resolve() == DEFAULT_OUT_DIR.resolve() and include_in_readme(md):
-        log(f"updated the Benchmarks section of {README}")
+    if not args.quick and args.out.resolve() == DEFAULT_OUT_DIR.resolve() and include_in_docs(md):
+        log(f"updated the tables of {BENCHMARKS_PAGE}")
     print(md.read_text())
     if failed:
         print(f"benchmark(s) failed: {', '.join(failed)}", file=sys.stderr)

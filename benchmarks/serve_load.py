@@ -77,9 +77,9 @@ def phantom_requests(n: int) -> list[dict[str, Any]]:
 class Server:
     """``boneage serve`` in a subprocess; its output is drained by a thread (kept for errors)."""
 
-    def __init__(self, checkpoints: list[str], workers: int, max_upload_mb: float = 50.0) -> None:
+    def __init__(self, checkpoints: list[str], threads: int, max_upload_mb: float = 50.0) -> None:
         cmd = [sys.executable, "-m", "boneage.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--workers", str(workers), "--max-upload-mb", str(max_upload_mb)]
+               "--threads", str(threads), "--max-upload-mb", str(max_upload_mb)]
         for c in checkpoints:
             cmd += ["--checkpoint", c]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -190,7 +190,8 @@ def markdown(result: dict[str, Any]) -> str:
     rows = [
         ("checkpoint", result["checkpoint"]),
         ("hardware", f"{hw['cpu_model']}, {hw['cpu_usable_cores']} usable cores, load {hw['load_average_1_5_15']}"),
-        ("server", f"{result['server_workers']} inference workers, TTA {'on' if result['tta'] else 'off'}, "
+        ("server", f"{result.get('server_threads', result.get('server_workers'))} inference threads, "
+                   f"TTA {'on' if result['tta'] else 'off'}, "
                    f"Grad-CAM heatmap {'on' if result['heatmap'] else 'off'}"),
         ("requests (concurrency)", f"{result['requests']} of {result['requested']} ({result['concurrency']} clients)"),
         ("p50 latency", f"{result['p50_ms']} ms"),
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                         "default: a random-weights cpu-small model")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="the server's inference threads (--workers)")
+    parser.add_argument("--threads", type=int, default=2, help="the server's inference threads (serve --threads)")
     parser.add_argument("--images", type=int, default=4, help="distinct phantom images")
     parser.add_argument("--time-limit", type=float, default=480.0, help="seconds for the load phase")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="folder for serve.json")
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                          "latency is representative, the bone ages are not")
         log(f"checkpoint: {described}")
         items = phantom_requests(args.images)
-        server = Server(checkpoints, args.workers)
+        server = Server(checkpoints, args.threads)
         try:
             url = server.wait_url(timeout_s=300)
             wait_healthy(url, timeout_s=60)
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": described,
         "concurrency": args.concurrency,
         **stats,
-        "server_workers": args.workers,
+        "server_threads": args.threads,
         "tta": model["tta"],
         "heatmap": model["heatmap"],
         "architectures": model["architectures"],

@@ -1,6 +1,6 @@
 """Peak memory of ``boneage serve`` under concurrent uploads of small files that decode to huge images.
 
-Starts the server as a subprocess (``--workers`` inference threads: at most that many uploads are decoded
+Starts the server as a subprocess (``--threads`` inference threads: at most that many uploads are decoded
 at once; the rest wait in the queue; ``--no-ood-check``, so that accepted images take the whole path), then,
 kind by kind, sends ``--clients`` concurrent uploads and reads the server's peak resident set (``VmHWM`` of
 ``/proc/PID/status``) after each kind:
@@ -12,7 +12,7 @@ kind by kind, sends ``--clients`` concurrent uploads and reads the server's peak
 
 Writes ``results/serve_memory.json``::
 
-    python -m benchmarks.serve_memory --checkpoint runs/cpu-small/best.pt [--workers 2] [--clients 8]
+    python -m benchmarks.serve_memory --checkpoint runs/cpu-small/best.pt [--threads 2] [--clients 8]
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def make_files(folder: Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.serve_memory", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, type=Path)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
     args = p.parse_args(argv)
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="boneage-serve-memory-") as tmp:
         files = make_files(Path(tmp))
         server = subprocess.Popen([sys.executable, "-m", "boneage", "serve", "--checkpoint", str(args.checkpoint),
-                                   "--port", str(port), "--workers", str(args.workers), "--no-ood-check"],
+                                   "--port", str(port), "--threads", str(args.threads), "--no-ood-check"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         url = f"http://127.0.0.1:{port}/api/v1"
         try:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             server.terminate()
             server.wait(timeout=30)
     result = {"name": "serve_memory", "mode": "full",
-              "checkpoint": args.checkpoint.name, "workers": args.workers, "clients": args.clients,
+              "checkpoint": args.checkpoint.name, "threads": args.threads, "clients": args.clients,
               "idle_rss_mb": round(idle_mb, 0), "kinds": kinds,
               "peak_rss_mb": max(k["peak_rss_mb_after"] for k in kinds.values())}
     write_result(args.out, "serve_memory", result, hardware_info())

@@ -153,7 +153,7 @@ def cli_cases(work: Path) -> list[dict[str, Any]]:
 def api_cases(ck: Path) -> list[dict[str, Any]]:
     from fastapi.testclient import TestClient
 
-    from boneage.serve.app import create_app
+    from boneage.serve.app import ServiceOptions, create_app
 
     def png(array: np.ndarray) -> bytes:
         buf = io.BytesIO()
@@ -192,7 +192,8 @@ def api_cases(ck: Path) -> list[dict[str, Any]]:
         ("good", {"files": {"image": ("a.png", good, "image/png")}, "data": {"sex": "F", "chronological_age": "9y"}}),
     ] + [(f"dicom {name}", {"files": {"image": (f"{name}.dcm", data, "application/dicom")}})
          for name, data in dicoms.items()]
-    app = create_app([ck], workers=1, warmup=False, max_upload_mb=2, allowed_hosts=["testserver", "127.0.0.1"])
+    app = create_app(ServiceOptions([ck], threads=1, warmup=False, max_upload_mb=2),
+                     allowed_hosts=["testserver", "127.0.0.1"])
     results = []
     try:
         with TestClient(app, raise_server_exceptions=False) as client:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from boneage.cli import build_parser
+from boneage.cli import _ServeWorkers, build_parser
 
 
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -34,6 +34,8 @@ def test_every_argument_of_every_subcommand_has_help():
     for name, p in walked:
         assert p.description, f"`{name} --help` has no description"
         for action in p._actions:
+            if isinstance(action, _ServeWorkers):  # hidden on purpose: only says "use --threads"
+                continue
             if not (action.help or "").strip() or action.help == argparse.SUPPRESS:
                 missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
         for action in p._actions:  # each subcommand is listed with a one-line summary
@@ -70,3 +72,36 @@ def test_help_of_the_installed_command_runs():
                          check=True).stdout
     assert "examples:" in out and "--max-minutes" not in out and "train.max_minutes" in out
     assert re.search(r"--config CONFIG\s+shipped config name", out)
+
+
+def test_predict_hands_one_typed_options_object_to_the_runner(monkeypatch):
+    """Every flag of `boneage predict` lands in its field of ``PredictOptions``; the flags' defaults are the
+    library's defaults."""
+    import dataclasses
+
+    from boneage import cli
+    from boneage.inference import batch
+    from boneage.inference.batch import PredictOptions
+
+    seen = {}
+    monkeypatch.setattr(batch, "run_predict", lambda options: seen.setdefault("options", options) and 0)
+    argv = ["predict", "a.png", "b/", "--checkpoint", "m.onnx", "--sex", "F", "--chronological-age", "9y3m",
+            "--no-tta", "--no-heatmap", "--interval-level", "0.8", "--right-hand", "--no-ood-check",
+            "--batch-size", "4", "--workers", "2", "--device", "cpu", "--keep-identifiers", "--runtime", "onnx"]
+    assert cli.main(argv) == 0
+    assert dataclasses.asdict(seen["options"]) == dict(
+        paths=["a.png", "b/"], checkpoints=["m.onnx"], sex="F", chronological_age="9y3m", out=None, tta=False,
+        heatmap=False, interval_level=0.8, right_hand=True, ood_check=False, batch_size=4, workers=2,
+        device="cpu", keep_identifiers=True, runtime="onnx")
+    defaults = cli._options(PredictOptions, build_parser().parse_args(["predict", "x.png", "--checkpoint", "m.pt"]),
+                            checkpoints=["m.pt"])
+    assert dataclasses.asdict(defaults) == dataclasses.asdict(PredictOptions(paths=["x.png"], checkpoints=["m.pt"]))
+
+
+def test_workers_means_processes_everywhere_it_is_accepted():
+    parser = build_parser()
+    for command in ("train", "evaluate", "prepare", "predict"):
+        action = next(a for a in _subparsers(parser)[command]._actions if "--workers" in a.option_strings)
+        assert "process" in action.help, (command, action.help)
+    serve = _subparsers(parser)["serve"]
+    assert any("--threads" in a.option_strings for a in serve._actions)

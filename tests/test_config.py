@@ -73,3 +73,28 @@ def test_bad_yaml_names_the_file(tmp_path):
     path.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
         load_config(str(path))
+
+
+def test_cli_flags_set_typed_values_without_a_yaml_round_trip(tmp_path):
+    """--images with YAML-special characters stays the path it is (a `: ` or `#` would break a YAML override)."""
+    from boneage.cli import _config, build_parser
+
+    odd = tmp_path / "scan: 2017 #1"
+    args = build_parser().parse_args(["train", "--config", "cpu-small", "--out", str(tmp_path / "run"),
+                                      "--images", str(odd), "--labels", str(odd / "l.csv"), "--engine", "cpu",
+                                      "--ddp-workers", "3", "--skip-bad", "train.epochs=2"])
+    cfg = _config(args)
+    assert cfg.data.images == str(odd.resolve()) and cfg.data.labels == str((odd / "l.csv").resolve())
+    assert (cfg.train.engine, cfg.train.ddp_workers, cfg.data.skip_bad, cfg.train.epochs) == ("cpu", 3, True, 2)
+
+
+def test_with_values_checks_like_yaml():
+    from boneage.config import with_values
+    from boneage.errors import ConfigError
+
+    cfg = load_config("cpu-small")
+    assert with_values(cfg, {"train.epochs": 3}).train.epochs == 3 and cfg.train.epochs != 3
+    with pytest.raises(ConfigError, match="train.engine"):
+        with_values(cfg, {"train.engine": "tpu"})
+    with pytest.raises(ConfigError, match="unknown config field 'train.epoch'"):
+        with_values(cfg, {"train.epoch": 3})

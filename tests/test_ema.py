@@ -98,7 +98,7 @@ def test_cpu_small_recipe_trains_saves_ema_and_resumes_exactly(tmp_path, monkeyp
     from boneage.checkpoint import load_checkpoint
     from boneage.config import load_config
     from boneage.data.synth import make_synth_dataset
-    from boneage.training.callbacks import CheckpointCallback
+    from boneage.training.history import MetricsFileCallback
     from boneage.training.runner import train
 
     data = make_synth_dataset(tmp_path / "phantoms", 40, seed=2)
@@ -118,14 +118,14 @@ def test_cpu_small_recipe_trains_saves_ema_and_resumes_exactly(tmp_path, monkeyp
     key = "encoder.conv_stem.weight"
     assert not torch.equal(last["model"][key], last["train_model"][key])
 
-    save = CheckpointCallback.on_epoch_end
+    save = MetricsFileCallback.on_epoch_end  # the last file an epoch writes
 
     def save_then_die(self, runner):
         save(self, runner)
         raise KeyboardInterrupt("killed")
 
     cut = tmp_path / "cut"
-    monkeypatch.setattr(CheckpointCallback, "on_epoch_end", save_then_die)
+    monkeypatch.setattr(MetricsFileCallback, "on_epoch_end", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(cfg(), cut, workers=1)
     monkeypatch.undo()

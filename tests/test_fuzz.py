@@ -132,11 +132,11 @@ def _png(array) -> bytes:
 def api(tmp_path_factory):
     from fastapi.testclient import TestClient
 
-    from boneage.serve.app import create_app
+    from boneage.serve.app import ServiceOptions, create_app
     from helpers_predict import make_checkpoint
 
-    app = create_app([make_checkpoint(tmp_path_factory.mktemp("fuzz") / "m.pt")], workers=1, warmup=False,
-                     max_upload_mb=1)
+    app = create_app(ServiceOptions([make_checkpoint(tmp_path_factory.mktemp("fuzz") / "m.pt")], threads=1,
+                                    warmup=False, max_upload_mb=1))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, _png(hand_pixels(bits=8))
     app.state.service.close()

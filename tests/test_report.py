@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import boneage.report
 from boneage.report import (
@@ -40,6 +41,34 @@ def test_schema_md_documents_every_field_in_order():
     documented = re.findall(r"^\| `(\w+)` \|", SCHEMA_MD.read_text(), flags=re.M)
     assert tuple(documented) == FIELDS
     assert f'`"{SCHEMA_VERSION}"`' in SCHEMA_MD.read_text()
+
+
+def test_schema_md_is_generated_from_the_field_table():
+    from boneage.report.fields import render_markdown
+
+    assert SCHEMA_MD.read_text() == render_markdown(SCHEMA_VERSION), "run: python -m boneage.report"
+
+
+def test_the_record_csv_and_api_come_from_one_table(tmp_path):
+    """The CSV header and the API model are the table's fields: a field added there reaches all three."""
+    from boneage.report.fields import CSV_COLUMNS, SCHEMA
+
+    assert FIELDS == tuple(f.name for f in SCHEMA) == tuple(empty_record("x.png"))
+    with open(write_csv([analysed()], tmp_path / "p.csv"), newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh))
+    assert tuple(header) == CSV_COLUMNS
+    expected = [c for f in SCHEMA if f.in_csv for c in (
+        ["interval_low_months", "interval_high_months"] if f.name == "bone_age_interval_months" else [f.name])]
+    assert header == expected and "identifiers" not in header and "image" not in header
+    markdown_csv = re.findall(r"^\| `(\w+)` \| [^|]+ \| yes \|", SCHEMA_MD.read_text(), flags=re.M)
+    assert markdown_csv == [f.name for f in SCHEMA if f.in_csv]
+    pydantic = pytest.importorskip("pydantic")
+    from boneage.serve.schemas import ReportRecord
+
+    assert list(ReportRecord.model_fields) == list(FIELDS)
+    with pytest.raises(pydantic.ValidationError):  # the table's types hold in the API model
+        ReportRecord.model_validate({**analysed(), "bone_age_months": "old"})
+    ReportRecord.model_validate(analysed())
 
 
 def test_empty_record():

@@ -34,7 +34,7 @@ from boneage.errors import BoneAgeError
 from boneage.inference.batch import load_predictor, predict_file
 from boneage.report import FIELDS
 from boneage.serve import app as serve_app
-from boneage.serve.app import PredictResponse, ReportRecord, ReportStore, create_app, display_name
+from boneage.serve.app import PredictResponse, ReportRecord, ReportStore, ServiceOptions, create_app, display_name
 from dicom_fixtures import LEAK_STRINGS, PATIENT_NAME, make_dicom
 from helpers_predict import make_checkpoint
 
@@ -63,7 +63,7 @@ def serve_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def app(serve_checkpoint):
-    app = create_app([serve_checkpoint], workers=2, max_upload_mb=2)
+    app = create_app(ServiceOptions([serve_checkpoint], threads=2, max_upload_mb=2))
     yield app
     app.state.service.close()
 
@@ -212,7 +212,7 @@ def test_missing_image_field(client):
 
 
 def test_too_large_upload(serve_checkpoint, png):
-    small = create_app([serve_checkpoint], max_upload_mb=0.02, workers=1, warmup=False)  # 20,971 bytes
+    small = create_app(ServiceOptions([serve_checkpoint], max_upload_mb=0.02, threads=1, warmup=False))  # 20,971 bytes
     try:
         with TestClient(small) as c:
             assert post(c, png, sex="M").status_code == 413 or len(png) <= 0.02 * 2**20
@@ -229,7 +229,7 @@ def test_too_large_upload(serve_checkpoint, png):
 
 def test_upload_limit_enforced_while_streaming(serve_checkpoint):
     """A chunked body without Content-Length is cut off once it passes the limit: nothing more is read."""
-    small = create_app([serve_checkpoint], max_upload_mb=0.1, workers=1, warmup=False)
+    small = create_app(ServiceOptions([serve_checkpoint], max_upload_mb=0.1, threads=1, warmup=False))
     chunk, pulled, sent = b"x" * 16384, 0, []
     limit = small.state.service.max_upload_bytes + serve_app.MULTIPART_OVERHEAD
 
@@ -295,7 +295,7 @@ def test_display_name_strips_client_paths():
 
 def test_health(client):
     h = client.get("/api/v1/health").json()
-    assert h["status"] == "ok" and h["model_loaded"] is True and h["workers"] == 2
+    assert h["status"] == "ok" and h["model_loaded"] is True and h["threads"] == 2
     import torch
 
     from boneage import __version__
@@ -312,7 +312,7 @@ def test_model_info(client):
 
 def test_ensemble_model_info(tmp_path):
     a, b = make_checkpoint(tmp_path / "a.pt"), make_checkpoint(tmp_path / "b.pt", seed=1, mae=10.5)
-    ens = create_app([a, b], workers=1, tta=False, warmup=False)
+    ens = create_app(ServiceOptions([a, b], threads=1, tta=False, warmup=False))
     try:
         m = TestClient(ens).get("/api/v1/model").json()
     finally:
@@ -323,7 +323,7 @@ def test_ensemble_model_info(tmp_path):
 
 def test_bad_checkpoint_fails_at_start(tmp_path):
     with pytest.raises(BoneAgeError):
-        create_app([tmp_path / "missing.pt"])
+        create_app(ServiceOptions([tmp_path / "missing.pt"]))
 
 
 def unlabelled_inputs(html: str) -> list[str]:
@@ -387,7 +387,7 @@ def test_openapi_documents_the_api(client):
 
 def test_parallel_requests_identical_results(app, client):
     """8 requests from 8 threads: all succeed; identical inputs give identical records and heatmaps;
-    at most --workers analyses run at once; the event loop answers /health meanwhile."""
+    at most --threads analyses run at once; the event loop answers /health meanwhile."""
     service = app.state.service
     a, b = phantom_png(110, True, seed=1), phantom_png(60, False, seed=2)
     reference = {key: post(client, data, sex=sex, chronological_age=age).json()
@@ -425,7 +425,7 @@ def test_parallel_requests_identical_results(app, client):
         assert rec["heatmap_png_base64"] == reference[key]["heatmap_png_base64"]
     assert len({r.json()["report_id"] for r in replies}) == 8
     assert reference["a"]["bone_age_months"] != reference["b"]["bone_age_months"]
-    assert 1 <= peak <= service.workers and seen_busy >= 1
+    assert 1 <= peak <= service.threads and seen_busy >= 1
 
 
 # --- OpenAPI fuzzing: no 5xx, responses match the documented schema ------------------------------------------
@@ -456,13 +456,55 @@ def test_api_fuzz(app):
 
 def test_serve_defaults_to_loopback():
     args = build_parser().parse_args(["serve", "--checkpoint", "m.pt"])
-    assert args.host == "127.0.0.1" and args.workers == 2 and args.max_upload_mb == 50
+    assert args.host == "127.0.0.1" and args.threads == 2 and args.max_upload_mb == 50
+
+
+def test_serve_exposes_every_service_option(monkeypatch):
+    """Each ``ServiceOptions`` field has a flag, and ``boneage serve`` hands the parsed values to the runner."""
+    import dataclasses
+
+    from boneage import cli
+    from boneage.serve import server
+    from boneage.serve.service import ServiceOptions
+
+    seen = {}
+    monkeypatch.setattr(server, "run_server", lambda options: seen.setdefault("options", options) and 0)
+    argv = ["serve", "--checkpoint", "a.pt", "--checkpoint", "b.pt", "--host", "0.0.0.0", "--port", "0",
+            "--max-upload-mb", "7.5", "--threads", "3", "--no-tta", "--no-heatmap", "--max-queue", "9",
+            "--report-cache", "4", "--no-warmup", "--interval-level", "80%", "--device", "cpu", "--no-ood-check"]
+    assert cli.main(argv) == 0
+    options = seen["options"]
+    assert (options.host, options.port) == ("0.0.0.0", 0)
+    assert dataclasses.asdict(options.service) == dict(
+        checkpoints=["a.pt", "b.pt"], max_upload_mb=7.5, threads=3, tta=False, heatmap=False, max_queue=9,
+        report_cache=4, warmup=False, interval_level=0.8, device="cpu", ood_check=False)
+    defaults = dataclasses.asdict(cli._options(ServiceOptions, build_parser().parse_args(
+        ["serve", "--checkpoint", "m.pt"]), checkpoints=["m.pt"]))
+    assert defaults == dataclasses.asdict(ServiceOptions(["m.pt"]))  # flag defaults = the library's defaults
+
+
+def test_serve_workers_points_to_threads(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--checkpoint", "m.pt", "--workers", "2"])
+    assert exit_info.value.code == 2 and "use --threads N" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("threads", 0, "--threads must be at least 1"), ("max_queue", 0, "--max-queue must be at least 1"),
+    ("max_upload_mb", 0, "--max-upload-mb must be positive"), ("checkpoints", [], "no checkpoint given"),
+    ("interval_level", 0.2, "--interval-level must be from 0.5"),
+])
+def test_service_options_are_checked_when_built(field, value, message):
+    from boneage.serve.service import ServiceOptions
+
+    with pytest.raises(BoneAgeError, match=message):
+        ServiceOptions(**{"checkpoints": ["m.pt"], field: value})
 
 
 def test_boneage_serve_command(serve_checkpoint, png):
     """`boneage serve --port 0` starts, prints its URL, answers, and stops cleanly on SIGINT."""
     proc = subprocess.Popen([sys.executable, "-m", "boneage.cli", "serve", "--checkpoint", str(serve_checkpoint),
-                             "--port", "0", "--workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--port", "0", "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
         first = proc.stdout.readline()

@@ -19,7 +19,7 @@ from PIL import Image
 from playwright.sync_api import expect, sync_playwright
 
 from boneage.data.synth import render_phantom
-from boneage.serve.app import create_app
+from boneage.serve.app import ServiceOptions, create_app
 from boneage.serve.server import serve_in_thread
 from helpers_predict import make_checkpoint
 
@@ -44,7 +44,7 @@ def chromium_path() -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     checkpoint = make_checkpoint(tmp_path_factory.mktemp("browser") / "page.pt")
-    app = create_app([checkpoint], workers=2)
+    app = create_app(ServiceOptions([checkpoint], threads=2))
     try:
         with serve_in_thread(app) as url:
             yield url

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from boneage.data.synth import render_phantom
-from boneage.serve.app import create_app
+from boneage.serve.app import ServiceOptions, create_app
 from boneage.serve.middleware import LOOPBACK_NAMES
 from helpers_predict import make_checkpoint
 
@@ -20,8 +20,8 @@ PREDICT = "/api/v1/predict"
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    app = create_app([make_checkpoint(tmp_path_factory.mktemp("sec") / "m.pt")], workers=1, heatmap=False,
-                     allowed_hosts=LOOPBACK_NAMES)
+    options = ServiceOptions([make_checkpoint(tmp_path_factory.mktemp("sec") / "m.pt")], threads=1, heatmap=False)
+    app = create_app(options, allowed_hosts=LOOPBACK_NAMES)
     yield app
     app.state.service.close()
 
@@ -86,8 +86,9 @@ def test_the_api_record_has_the_interval_and_both_sexes_when_the_sex_is_unknown(
 def live_url(tmp_path_factory):
     from boneage.serve.server import serve_in_thread
 
-    app = create_app([make_checkpoint(tmp_path_factory.mktemp("live") / "m.pt")], workers=1, heatmap=False,
-                     max_upload_mb=1, upload_idle_timeout_s=1.5, warmup=False)
+    options = ServiceOptions([make_checkpoint(tmp_path_factory.mktemp("live") / "m.pt")], threads=1, heatmap=False,
+                             max_upload_mb=1, warmup=False)
+    app = create_app(options, upload_idle_timeout_s=1.5)
     try:
         with serve_in_thread(app) as url:
             yield url

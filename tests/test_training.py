@@ -15,7 +15,8 @@ from boneage.cli import main
 from boneage.config import load_config
 from boneage.data.synth import make_synth_dataset
 from boneage.errors import CheckpointError, ConfigError
-from boneage.training.callbacks import CheckpointCallback, TimeBudgetCallback
+from boneage.training.callbacks import TimeBudgetCallback
+from boneage.training.history import MetricsFileCallback
 from boneage.training.runner import train
 
 # The compact from-scratch CNN at width 0.5: these tests are about the training machinery, not a recipe.
@@ -88,14 +89,14 @@ def test_resume_continues_where_it_stopped(phantoms, tmp_path, monkeypatch):
     train(_cfg(phantoms, tmp_path, "train.epochs=3"), full, workers=1)
 
     cut = tmp_path / "cut"
-    save = CheckpointCallback.on_epoch_end
+    save = MetricsFileCallback.on_epoch_end  # the last file an epoch writes (after best.pt and last.pt)
 
     def save_then_die(self, runner):
         save(self, runner)
         if runner.epoch_step == 1:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(CheckpointCallback, "on_epoch_end", save_then_die)
+    monkeypatch.setattr(MetricsFileCallback, "on_epoch_end", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(phantoms, tmp_path, "train.epochs=3"), cut, workers=1)
     monkeypatch.undo()

@@ -6,26 +6,15 @@ Errors a user can cause (``BoneAgeError``) become one line on stderr and exit st
 from __future__ import annotations
 
 import argparse
-import os
+import dataclasses
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from boneage import __version__
+from boneage.cli_types import (HelpFormatter, device_name, int_in, interval_level, out_folder,  # noqa: F401
+                               positive_float)
 from boneage.errors import BoneAgeError
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the examples' line breaks (RawDescription) and appends each option's default to its help, like
-    ArgumentDefaultsHelpFormatter, but not for flags (their help says it) nor for defaults that say nothing (None)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if ("default" in text or action.nargs == 0 or default in (None, [], "") or default is argparse.SUPPRESS
-                or not (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE))):
-            return text
-        return text + " (default: %(default)s)"
 
 
 EXAMPLES = """examples:
@@ -50,68 +39,9 @@ PREDICT_EXAMPLES = """examples:
   boneage predict hand.png --checkpoint runs/cpu-small/best.onnx --runtime onnx"""
 
 
-def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
-    """argparse type: an integer in [lo, hi]; argparse names the flag in its error."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < lo or (hi is not None and value > hi):
-            raise argparse.ArgumentTypeError(f"{value} is out of range; use {lo}..{hi}" if hi is not None
-                                             else f"{value} is out of range; use an integer >= {lo}")
-        return value
-    parse.__name__ = "integer"
-    return parse
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return value
-
-
-def interval_level(text: str) -> float:
-    """argparse type: 0.9, 90 or 90% -> 0.9; in (0.5, 0.995]."""
-    try:
-        value = float(text.rstrip("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a level; write e.g. 0.9 or 90%") from None
-    value = value / 100 if (text.endswith("%") or value > 1) else value
-    if not 0.5 <= value <= 0.995:
-        raise argparse.ArgumentTypeError(f"{text} is out of range; use a level from 0.5 to 0.995 (50% to 99.5%)")
-    return value
-
-
-def device_name(text: str) -> str:
-    from boneage.device import DEVICE_CHOICES, check_device_name
-
-    try:
-        return check_device_name(text)
-    except BoneAgeError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use {DEVICE_CHOICES}") from None
-
-
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device_name, default="auto",
                    help="auto (a CUDA GPU if PyTorch sees one, else the CPU), cpu, cuda or cuda:N")
-
-
-def out_folder(text: str) -> str:
-    """argparse type for --out folders: not an existing file, and writable (or creatable)."""
-    path = Path(text)
-    if path.exists() and not path.is_dir():
-        raise argparse.ArgumentTypeError(f"{text} is an existing file, not a folder; give a folder path")
-    probe = path
-    while not probe.exists() and probe.parent != probe:
-        probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f"cannot write in {probe} (permission denied); choose another folder")
-    return text
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -126,20 +56,24 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from boneage.config import load_config
+    """The run's typed ``Config``: the YAML, its KEY=VALUE overrides, then the flags set as typed values."""
+    from boneage.config import load_config, with_values
 
-    overrides = list(getattr(args, "overrides", []) or [])
+    cfg = load_config(args.config, list(getattr(args, "overrides", []) or []))
+    values: dict[str, Any] = {}
     for key, attr in (("data.images", "images"), ("data.labels", "labels"), ("data.cache_dir", "cache_dir")):
-        value = getattr(args, attr, None)
-        if value:
-            overrides.append(f"{key}={Path(value).resolve()}")
+        if getattr(args, attr, None):
+            values[key] = str(Path(getattr(args, attr)).resolve())
     if getattr(args, "skip_bad", False):
-        overrides.append("data.skip_bad=true")
+        values["data.skip_bad"] = True
     if getattr(args, "engine", None):
-        overrides.append(f"train.engine={args.engine}")
+        values["train.engine"] = args.engine
     if getattr(args, "ddp_workers", None):
-        overrides.append(f"train.ddp_workers={args.ddp_workers}")
-    return load_config(args.config, overrides)
+        values["train.ddp_workers"] = args.ddp_workers
+    return with_values(cfg, values) if values else cfg
+
+
+TRAIN_PACKAGES = ("catalyst", "accelerate", "tensorboard", "tensorboardX", "matplotlib")
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -164,7 +98,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from boneage.training.runner import train
+    try:
+        from boneage.training.runner import train
+    except ModuleNotFoundError as exc:  # the base install is inference only
+        if exc.name and exc.name.split(".")[0] in TRAIN_PACKAGES:
+            raise BoneAgeError(f"boneage train needs the training extra ({exc.name} is not installed): "
+                               "pip install 'boneage[train]'") from exc
+        raise
 
     cfg = _config(args)
     metrics = train(cfg, args.out, resume=args.resume, workers=args.workers)
@@ -192,9 +132,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from boneage.inference.batch import run_predict
+    from boneage.inference.batch import PredictOptions, run_predict
 
-    return run_predict(args)
+    return run_predict(_options(PredictOptions, args, checkpoints=args.checkpoint))
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -206,9 +146,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from boneage.serve.server import run_server
+    from boneage.serve.server import ServerOptions, run_server
+    from boneage.serve.service import ServiceOptions
 
-    return run_server(args)
+    service = _options(ServiceOptions, args, checkpoints=args.checkpoint)
+    return run_server(ServerOptions(service=service, host=args.host, port=args.port))
+
+
+def _options(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
+    """A typed options dataclass from the parsed flags: every field whose name is a flag's destination."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(given)
+    return cls(**given, **{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
+class _ServeWorkers(argparse.Action):
+    """``serve --workers``: a clear pointer instead of argparse's bare "unrecognized arguments"."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        parser.error("--workers means processes (train, evaluate, predict); the server runs inference threads: "
+                     "use --threads N")
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -318,7 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address; 127.0.0.1 = this machine only")
     p.add_argument("--port", type=int_in(0, 65535), default=8000, help="TCP port (0: pick a free one and print it)")
     p.add_argument("--max-upload-mb", type=positive_float, default=50.0, metavar="MB", help="largest accepted upload")
-    p.add_argument("--workers", type=int_in(1, 64), default=2, metavar="N", help="inference threads")
+    p.add_argument("--threads", type=int_in(1, 64), default=2, metavar="N",
+                   help="inference threads: analyses that run at once")
+    p.add_argument("--workers", action=_ServeWorkers, help=argparse.SUPPRESS)
+    p.add_argument("--max-queue", type=int_in(1, 10_000), default=32, metavar="N",
+                   help="analyses running or waiting; more get 503 (busy)")
+    p.add_argument("--report-cache", type=int_in(0, 100_000), default=32, metavar="N",
+                   help="the last N reports kept for their HTML/JSON links")
+    p.add_argument("--no-tta", dest="tta", action="store_false", default=True,
+                   help="switch test-time augmentation off (faster)")
+    p.add_argument("--no-heatmap", dest="heatmap", action="store_false", default=True,
+                   help="no Grad-CAM heatmaps (faster, less memory)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false", default=True,
+                   help="skip the dummy analysis at start-up (the first request is then slower)")
     p.add_argument("--interval-level", type=interval_level, default=0.9, metavar="P",
                    help="coverage of the conformal prediction interval, e.g. 0.9 or 90%%")
     p.add_argument("--no-ood-check", dest="ood_check", action="store_false", default=True,

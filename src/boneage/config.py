@@ -118,6 +118,9 @@ class TrainConfig:
     engine: Literal["auto", "cpu", "gpu", "ddp"] = "auto"
     ddp_workers: Annotated[int, Range(1, 1024)] = 2  # processes for engine=ddp
     ddp_backend: Literal["nccl", "gloo"] = "nccl"  # nccl on GPU, gloo on CPU
+    # batch_size is per process, so DDP's effective batch is batch_size x processes; the LR for it:
+    # none = lr as given, linear = lr x processes (Goyal et al. 2017), sqrt = lr x sqrt(processes)
+    lr_scaling: Literal["none", "linear", "sqrt"] = "none"
     amp: bool = True  # used on GPU only
     channels_last: bool = False
     seed: Annotated[int, Range(0, 2**32 - 1)] = 42
@@ -284,6 +287,18 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         except yaml.YAMLError as exc:
             raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from exc
     return raw
+
+
+def with_values(cfg: Config, values: dict[str, Any], source: str = "command line") -> Config:
+    """``cfg`` with typed ``{"section.key": value}`` set (the CLI's flags), checked as strictly as YAML: the
+    values are never written out and re-parsed as text (a path with ``: `` or ``#`` in it stays a path)."""
+    raw = cfg.to_dict()
+    for key, value in values.items():
+        section, name = key.split(".")
+        if section not in raw or not isinstance(raw[section], dict) or name not in raw[section]:
+            raise ConfigError(f"{source}: unknown config field {key!r}")
+        raw[section][name] = value
+    return Config.from_dict(raw, source)
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:

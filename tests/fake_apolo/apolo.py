@@ -22,17 +22,18 @@ import json
 import os
 import sys
 
-# Global options that take a value (apolo --options); the others are flags.
-_GLOBAL_WITH_VALUE = {"--color", "--config-path", "--network-timeout", "--neuromation-config"}
+# Global options that take a value (apolo --options); the others are flags. tests/test_makefile.py
+# checks this set against the installed apolo CLI's own definitions.
+GLOBAL_WITH_VALUE = {"--color", "--config-path", "--network-timeout", "--neuromation-config"}
 
 
-def _split_global(argv: list[str]) -> tuple[list[str], list[str]]:
+def split_global(argv: list[str]) -> tuple[list[str], list[str]]:
     """Split argv into (global options, subcommand and its arguments)."""
     i = 0
     while i < len(argv) and argv[i].startswith("-"):
         opt = argv[i]
         i += 1
-        if opt in _GLOBAL_WITH_VALUE:
+        if opt in GLOBAL_WITH_VALUE:
             i += 1
     return argv[:i], argv[i:]
 
@@ -47,7 +48,7 @@ def main() -> int:
     with open(log, "a", encoding="utf-8") as f:
         f.write(json.dumps({"prog": prog, "argv": argv}) + "\n")
 
-    global_opts, rest = _split_global(argv)
+    global_opts, rest = split_global(argv)
     sub = rest[0] if rest else ""
     failing = {s for s in os.environ.get("FAKE_APOLO_FAIL", "").split(",") if s}
     if sub in failing:

@@ -50,3 +50,29 @@ class BoneAgeDataset(Dataset):
             "months": torch.tensor(months, dtype=torch.float32),
             "row": torch.tensor(row, dtype=torch.int64),
         }
+
+
+class EpochShuffle(torch.utils.data.Sampler[int]):
+    """A shuffled order of ``range(n)`` that depends on ``(seed, epoch)`` alone.
+
+    Every data-parallel process draws the very same order, so the engine's dealing of batches to processes gives
+    disjoint shards (a plain ``shuffle=True`` draws from each process's own RNG, which Catalyst seeds per rank, and
+    the shards overlap); ``use_epoch`` (``EpochShuffleCallback``) gives each epoch a new order, and a resumed run
+    the order the uninterrupted run had.
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = int(n), int(seed), 0
+
+    def use_epoch(self, epoch: int) -> None:
+        """Not ``set_epoch``: accelerate calls a sampler's ``set_epoch`` with its own pass counter, which starts
+        at 0 again in a resumed run; ``EpochShuffleCallback`` passes Catalyst's epoch, which resumes."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        generator = torch.Generator()
+        generator.manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())

@@ -6,6 +6,8 @@ interval, interpretation, heatmap: the JSON record). ``predict_array`` chains th
 
 from __future__ import annotations
 
+import importlib.util
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence, cast
@@ -188,13 +190,23 @@ def finish(predictor: Ensemble, pending: Pending, outputs: tuple[float, float | 
         identifiers=meta.identifiers or None,
     )
     overlay = None
-    if heatmap and predictor.runtime == "torch" and pending.image is not None:
+    if heatmap and predictor.runtime == "torch" and pending.image is not None and not gradcam_available():
+        notes.append(f"no heatmap: {GRADCAM_MISSING}")
+    elif heatmap and predictor.runtime == "torch" and pending.image is not None:
         from boneage.inference.gradcam import heatmap_overlay
 
         overlay = heatmap_overlay(cast("Predictor", predictor), pending.image, pending.male)
     elif heatmap:
         notes.append("no heatmap: Grad-CAM needs the PyTorch runtime")
     return Analysis(record, pending.display, overlay)
+
+
+GRADCAM_MISSING = "the grad-cam package is not installed (pip install 'boneage[gradcam]')"
+
+
+def gradcam_available() -> bool:
+    """Whether the optional ``grad-cam`` package (the ``[gradcam]`` extra) can be imported."""
+    return importlib.util.find_spec("pytorch_grad_cam") is not None
 
 
 def _ood_fields(predictor: Ensemble, score: float | None, where: str, check: bool,

@@ -9,7 +9,7 @@ Nothing here imports torch unless the PyTorch runtime (or Grad-CAM) is used.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 from boneage.atomic import remove_partial_files
 from boneage.errors import BoneAgeError, CheckpointError, about_file
-from boneage.inference.analysis import (Analysis, _certainty, _model_fields, parse_request,  # noqa: F401 (re-exported)
-                                        predict_array)
+from boneage.inference.analysis import (GRADCAM_MISSING, Analysis, _certainty, _model_fields,  # noqa: F401
+                                        gradcam_available, parse_request, predict_array)  # (re-exported)
 from boneage.inference.conformal import DEFAULT_LEVEL
 from boneage.inference.ensemble import Ensemble
 from boneage.io import list_images, read_image
@@ -98,34 +98,66 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return stems
 
 
-def run_predict(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """Everything ``boneage predict`` does, typed: the CLI builds one from its flags (same names), code can too."""
+
+    paths: Sequence[str]
+    checkpoints: Sequence[str]
+    sex: str | None = None  # "F" / "M"; None: DICOM PatientSex, else both sexes averaged
+    chronological_age: str | None = None  # with its unit: "9y3m", "9.25y", "111m"
+    out: str | None = None  # None: console table only
+    tta: bool = True
+    heatmap: bool = True
+    interval_level: float = DEFAULT_LEVEL
+    right_hand: bool = False
+    ood_check: bool = True
+    batch_size: int = 16
+    workers: int = 0  # processes that decode and prepare files; 0 = in this process
+    device: str = "auto"
+    keep_identifiers: bool = False
+    runtime: str = "torch"  # or "onnx"
+
+    def __post_init__(self) -> None:
+        if self.runtime not in ("torch", "onnx"):
+            raise BoneAgeError(f"runtime must be torch or onnx, not {self.runtime!r}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise BoneAgeError(f"batch_size must be >= 1 and workers >= 0, not {self.batch_size} / {self.workers}")
+
+
+def run_predict(options: PredictOptions) -> int:
     """The ``predict`` command: 0 if every file was analysed, 1 if any failed (``BoneAgeError``: bad arguments)."""
-    sex, ca = parse_request(args.sex, args.chronological_age)  # bad --sex / --chronological-age: before any work
-    paths = list_images(args.paths)
+    o = options
+    sex, ca = parse_request(o.sex, o.chronological_age)  # bad --sex / --chronological-age: before any work
+    paths = list_images(list(o.paths))
     if not paths:
-        raise BoneAgeError(f"no images found in {' '.join(args.paths)} (PNG, JPEG or DICOM files, folders, globs)")
-    predictor = load_predictor(args.checkpoint, runtime=args.runtime, tta=args.tta,
-                               device=getattr(args, "device", "auto"))
-    if args.heatmap and predictor.runtime != "torch" and args.out:
-        print("boneage predict: note: no Grad-CAM heatmaps with --runtime onnx (they need PyTorch)", file=sys.stderr)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        remove_partial_files(args.out)  # temp files of writes killed in an earlier run
-    records = predict_many(predictor, paths, out_dir=args.out, sex=sex, chronological_age=ca,
-                           right_hand=True if args.right_hand else None, keep_identifiers=args.keep_identifiers,
-                           heatmap=args.heatmap, interval_level=args.interval_level,
-                           ood_check=getattr(args, "ood_check", True), batch_size=getattr(args, "batch_size", 16),
-                           workers=getattr(args, "workers", 0))
+        raise BoneAgeError(f"no images found in {' '.join(o.paths)} (PNG, JPEG or DICOM files, folders, globs)")
+    predictor = load_predictor(list(o.checkpoints), runtime=o.runtime, tta=o.tta, device=o.device)
+    heatmap = o.heatmap
+    if heatmap and predictor.runtime != "torch":
+        if o.out:
+            print("boneage predict: note: no Grad-CAM heatmaps with --runtime onnx (they need PyTorch)",
+                  file=sys.stderr)
+    elif heatmap and not gradcam_available():
+        print(f"boneage predict: note: no Grad-CAM heatmaps: {GRADCAM_MISSING}", file=sys.stderr)
+        heatmap = False
+    if o.out:
+        Path(o.out).mkdir(parents=True, exist_ok=True)
+        remove_partial_files(o.out)  # temp files of writes killed in an earlier run
+    records = predict_many(predictor, paths, out_dir=o.out, sex=sex, chronological_age=ca,
+                           right_hand=True if o.right_hand else None, keep_identifiers=o.keep_identifiers,
+                           heatmap=heatmap, interval_level=o.interval_level, ood_check=o.ood_check,
+                           batch_size=o.batch_size, workers=o.workers)
     print(format_table(records))
     model = _model_fields(predictor)
     print(f"model: {', '.join(model['models'])} ({predictor.device_label})"
           + (f"; measured validation MAE {model['model_mae_months']:.1f} months"
              if model["model_mae_months"] is not None else "")
           + "; research use only, not a certified medical device")
-    if args.out:
-        csv_path = write_csv(records, Path(args.out) / "predictions.csv")
+    if o.out:
+        csv_path = write_csv(records, Path(o.out) / "predictions.csv")
         kinds = "<name>.json, <name>.html" + (", <name>_heatmap.png" if any(r["heatmap"] for r in records) else "")
-        print(f"reports: {kinds} in {Path(args.out)}; table: {csv_path}")
+        print(f"reports: {kinds} in {Path(o.out)}; table: {csv_path}")
     failed = sum(1 for r in records if r["error"])
     if failed:
         print(f"boneage predict: {failed} of {len(records)} file(s) failed", file=sys.stderr)

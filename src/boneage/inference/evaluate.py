@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -61,6 +62,13 @@ def evaluate(checkpoints: Sequence[str | Path], images: str | Path, labels: str 
     report["device"] = predictor.device_label
     report["labels"] = str(labels)
     write_results(table, report, out_dir)
-    report["plots"] = [str(p) for p in save_plots(table, out_dir)]
+    try:
+        report["plots"] = [str(p) for p in save_plots(table, out_dir)]
+    except ModuleNotFoundError as exc:  # the base install has no matplotlib: metrics without the plots
+        if exc.name != "matplotlib":
+            raise
+        report["plots"] = []
+        print("boneage evaluate: note: no plots: matplotlib is not installed (pip install 'boneage[train]')",
+              file=sys.stderr)
     write_results(table, report, out_dir)
     return report

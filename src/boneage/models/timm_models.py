@@ -26,7 +26,8 @@ def check_timm_name(name: str) -> None:
     try:
         import timm
     except ImportError as exc:
-        raise ConfigError(f"model 'timm:{name}' needs timm: pip install 'boneage[timm]'") from exc
+        raise ConfigError(f"model 'timm:{name}' needs timm (a dependency of boneage): "
+                          "pip install 'timm>=1.0,<2'") from exc
     if not timm.is_model(name):
         raise ConfigError(
             f"unknown timm model '{name}'; list them with python -c 'import timm; print(timm.list_models())'"

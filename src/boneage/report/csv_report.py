@@ -8,16 +8,11 @@ from typing import Any, Sequence
 
 from boneage.atomic import atomic_write
 from boneage.io import DICOM_IDENTIFIERS
+from boneage.report.fields import CSV_COLUMNS
 
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs cells that start so as formulas
 
-COLUMNS = (
-    "file", "error", "bone_age_months", "bone_age_text", "interval_low_months", "interval_high_months",
-    "interval_level", "chronological_age_months", "chronological_age_source",
-    "sex", "sex_source", "difference_months", "sd_months", "z_score", "category", "category_certainty",
-    "model_mae_months",
-    "models", "runtime", "tta", "ood_score", "mirrored", "heatmap", "warnings",
-)
+COLUMNS = CSV_COLUMNS  # the record's scalar fields (boneage.report.fields)
 
 
 def _cell(value: Any) -> Any:

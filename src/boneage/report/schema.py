@@ -1,8 +1,9 @@
 """The per-image JSON record (schema version 1.2): field order, empty record, fixed texts.
 
-Every record has every field, in this order; fields that do not apply are ``null``. A file that
-could not be analysed has ``error`` set and null results. See ``SCHEMA.md`` beside this module
-for each field's meaning. Additive changes bump the minor version, anything else the major.
+Every record has every field, in the order of ``boneage.report.fields`` (the one table of names, types
+and meanings, from which ``SCHEMA.md`` beside this module is generated); fields that do not apply are
+``null``. A file that could not be analysed has ``error`` set and null results. Additive changes bump the
+minor version, anything else the major.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import Any
 
 from boneage import __version__
 from boneage.clinical import REFERENCE as GP_REFERENCE
+from boneage.report.fields import FIELDS  # noqa: F401 (the record's fields in order: the one table)
 
 SCHEMA_VERSION = "1.2"  # 1.1: the interval fields, bone_age_by_sex_months, normal range, certainty, standard;
 # 1.2: ood_score, ood_method
@@ -25,19 +27,6 @@ RSNA_REFERENCE = (
     "Challenge. Radiology 2019;290(2):498-503"
 )
 REFERENCES = (GP_REFERENCE, RSNA_REFERENCE)
-
-FIELDS = (
-    "schema_version", "file", "error",
-    "bone_age_months", "bone_age_text",
-    "bone_age_interval_months", "interval_level", "interval_method", "bone_age_by_sex_months",
-    "chronological_age_months", "chronological_age_text", "chronological_age_source",
-    "sex", "sex_source",
-    "difference_months", "sd_months", "z_score", "category", "category_reason", "summary",
-    "normal_range_months", "category_certainty", "reference_standard",
-    "model_mae_months", "models", "architectures", "runtime", "tta", "ood_score", "ood_method",
-    "mirrored", "image", "heatmap", "warnings",
-    "references", "disclaimer", "boneage_version", "identifiers",
-)
 
 
 def printable(text: str) -> str:

@@ -11,7 +11,7 @@ the body arrives), decoded by ``boneage.io.read_image`` and analysed by
 returns the same JSON record (``boneage/report/SCHEMA.md``), plus the report's id and links and the
 Grad-CAM heatmap as a base64 PNG.
 
-Concurrency: analyses run in a thread pool of ``workers`` threads, so the event loop stays free,
+Concurrency: analyses run in a thread pool of ``threads`` threads, so the event loop stays free,
 and at most ``max_queue`` uploads wait for it (more get 503). Predictions share the loaded models,
 which are never modified per request (eval mode, ``torch.inference_mode``). Grad-CAM is different:
 it hooks a layer and back-propagates, so it runs on its own copy of the models, one request at a
@@ -48,7 +48,8 @@ from boneage.serve.middleware import (
     UPLOAD_IDLE_TIMEOUT_S, HostOriginMiddleware, SecurityHeadersMiddleware, UploadLimitMiddleware)
 from boneage.serve.schemas import (API, MULTIPART_OVERHEAD, _REPORT_CSP, ErrorResponse, HealthResponse,  # noqa: F401
                                    ImageInfo, ModelResponse, PredictResponse, ReportRecord, _errors)
-from boneage.serve.service import ApiError, ReportStore, Service, _blank_to_none, display_name  # noqa: F401
+from boneage.serve.service import (ApiError, ReportStore, Service, ServiceOptions, _blank_to_none,  # noqa: F401
+                                   display_name)
 
 log = logging.getLogger("boneage.serve")
 
@@ -76,23 +77,17 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def create_app(checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0, workers: int = 2,
-               tta: bool = True, heatmap: bool = True, max_queue: int = 32, report_cache: int = 32,
-               warmup: bool = True, interval_level: float = 0.9,
-               allowed_hosts: Sequence[str] | None = None,
-               upload_idle_timeout_s: float = UPLOAD_IDLE_TIMEOUT_S, device: str = "auto",
-               ood_check: bool = True) -> FastAPI:
-    """The FastAPI app with the model(s) loaded; ``CheckpointError`` if a checkpoint cannot be used.
+def create_app(options: ServiceOptions, *, allowed_hosts: Sequence[str] | None = None,
+               upload_idle_timeout_s: float = UPLOAD_IDLE_TIMEOUT_S) -> FastAPI:
+    """The FastAPI app with the model(s) of ``options`` loaded; ``CheckpointError`` if a checkpoint cannot be used.
 
-    ``workers`` inference threads; uploads over ``max_upload_mb`` get 413; at most ``max_queue`` analyses
-    run or wait (503 beyond); the last ``report_cache`` reports are kept; ``warmup`` runs one dummy
-    prediction at start-up so that the first request is not slow. ``allowed_hosts``: the names the ``Host``
-    header may carry (``boneage serve`` passes the loopback names for a loopback bind); cross-site POSTs
-    are always refused (``HostOriginMiddleware``).
+    ``options.threads`` inference threads; uploads over ``options.max_upload_mb`` get 413; at most
+    ``options.max_queue`` analyses run or wait (503 beyond); the last ``options.report_cache`` reports are kept;
+    ``options.warmup`` runs one dummy prediction at start-up so that the first request is not slow.
+    ``allowed_hosts``: the names the ``Host`` header may carry (``boneage serve`` passes the loopback names for a
+    loopback bind); cross-site POSTs are always refused (``HostOriginMiddleware``).
     """
-    service = Service(checkpoints, max_upload_mb=max_upload_mb, workers=workers, tta=tta, heatmap=heatmap,
-                      max_queue=max_queue, report_cache=report_cache, warmup=warmup, interval_level=interval_level,
-                      device=device, ood_check=ood_check)
+    service = Service(options)
     app = FastAPI(
         docs_url=None, redoc_url=None,  # FastAPI's pages load Swagger UI / ReDoc from a CDN: not offline
         title="boneage",
@@ -177,7 +172,7 @@ def create_app(checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0
     @app.get(f"{API}/health", tags=["api"], response_model=HealthResponse, summary="Liveness and versions")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model_loaded": bool(service.predictor.members), "versions": _versions(),
-                "workers": service.workers, "busy": service.busy}
+                "threads": service.threads, "busy": service.busy}
 
     @app.get(f"{API}/model", tags=["api"], response_model=ModelResponse, summary="The loaded model(s)")
     async def model() -> dict[str, Any]:

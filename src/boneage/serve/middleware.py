@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from boneage.serve.schemas import _PAGE_CSP, MULTIPART_OVERHEAD
 
 MB = 1 << 20
-UPLOAD_IDLE_TIMEOUT_S = 30.0  # README "Web app and REST API": a stalled upload gets 408 after this
+UPLOAD_IDLE_TIMEOUT_S = 30.0  # docs/api.md: a stalled upload gets 408 after this
 
 if TYPE_CHECKING:
     from boneage.serve.service import Service

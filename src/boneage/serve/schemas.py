@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
+
+from boneage.report.fields import SCHEMA
+from boneage.report.schema import SCHEMA_VERSION
 
 
 API = "/api/v1"
@@ -29,66 +32,35 @@ class ImageInfo(BaseModel):
     bit_depth: int
 
 
-class ReportRecord(BaseModel):
-    """The ``boneage predict`` JSON record (schema 1.2, see SCHEMA.md)."""
+# What the web API says differently from SCHEMA.md about a field of the record.
+API_MEANINGS = {
+    "file": "the upload's file name",
+    "heatmap": "URL of the Grad-CAM overlay PNG while the report is kept",
+    "identifiers": "always null: the web service drops DICOM identifiers",
+}
+_API_TYPES = {"image": ImageInfo | None}  # typed more closely than the table's plain dict
 
-    schema_version: str
-    file: str = Field(description="the upload's file name")
-    error: str | None
-    bone_age_months: float | None
-    bone_age_text: str | None
-    bone_age_interval_months: list[float] | None = Field(
-        description="[low, high] conformal prediction interval in months (null: checkpoint without calibration)")
-    interval_level: float | None = Field(description="the interval's nominal coverage, e.g. 0.9")
-    interval_method: str | None
-    bone_age_by_sex_months: dict[str, float] | None = Field(
-        description="sex unknown: the estimate for each sex ({'M': .., 'F': ..}); bone_age_months is their mean")
-    chronological_age_months: float | None
-    chronological_age_text: str | None
-    chronological_age_source: str | None = Field(description="'cli' (given in the request) or 'dicom'")
-    sex: Literal["M", "F"] | None
-    sex_source: str
-    difference_months: float | None
-    sd_months: float | None
-    z_score: float | None
-    category: str | None
-    category_reason: str | None
-    summary: str | None
-    normal_range_months: list[float] | None = Field(description="chronological age +/- 2 SD, months")
-    category_certainty: str | None = Field(description="what the prediction interval says about the category")
-    reference_standard: str
-    model_mae_months: float | None
-    models: list[str]
-    architectures: list[str]
-    runtime: str
-    tta: bool
-    ood_score: float | None = Field(description="feature distance to the training radiographs as a multiple of the "
-                                                "refusal threshold (> 1 is refused); null: model without the check")
-    ood_method: str | None
-    mirrored: bool | None
-    image: ImageInfo | None
-    heatmap: str | None = Field(description="URL of the Grad-CAM overlay PNG while the report is kept")
-    warnings: list[str]
-    references: list[str]
-    disclaimer: str
-    boneage_version: str
-    identifiers: dict[str, str] | None = Field(description="always null: the web service drops DICOM identifiers")
+_record_fields: dict[str, Any] = {
+    f.name: (_API_TYPES.get(f.name, f.py_type), Field(description=API_MEANINGS.get(f.name, f.meaning)))
+    for f in SCHEMA}
+# The ``boneage predict`` JSON record, field for field from the one table (boneage.report.fields).
+ReportRecord: type[BaseModel] = create_model(
+    "ReportRecord", __doc__=f"The ``boneage predict`` JSON record (schema {SCHEMA_VERSION}, see SCHEMA.md).",
+    **_record_fields)
 
 
-class PredictResponse(ReportRecord):
-    """The record, then the web-only fields."""
-
-    report_id: str = Field(description="id of the kept report (the last N analyses are kept)")
-    report_html_url: str
-    report_json_url: str
-    heatmap_png_base64: str | None = Field(description="the Grad-CAM overlay as a base64 PNG")
+PredictResponse: type[BaseModel] = create_model(
+    "PredictResponse", __base__=ReportRecord, __doc__="The record, then the web-only fields.",
+    report_id=(str, Field(description="id of the kept report (the last N analyses are kept)")),
+    report_html_url=(str, Field()), report_json_url=(str, Field()),
+    heatmap_png_base64=(str | None, Field(description="the Grad-CAM overlay as a base64 PNG")))
 
 
 class HealthResponse(BaseModel):
     status: str
     model_loaded: bool
     versions: dict[str, str]
-    workers: int
+    threads: int = Field(description="inference threads (analyses that can run at once)")
     busy: int = Field(description="analyses running or waiting now")
 
 

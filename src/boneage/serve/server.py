@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -19,7 +19,7 @@ from boneage.report.schema import RUO_NOTICE
 from boneage.serve.app import create_app
 from boneage.serve.middleware import LOOPBACK_NAMES
 from boneage.serve.schemas import API
-from boneage.serve.service import Service
+from boneage.serve.service import Service, ServiceOptions
 
 log = logging.getLogger("boneage.serve")
 
@@ -84,8 +84,8 @@ def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0,
         sock.close()
 
 
-def _torch_threads(workers: int) -> int:
-    """Intra-op threads per inference worker: the usable cores shared out (OMP_NUM_THREADS wins if set)."""
+def _torch_threads(threads: int) -> int:
+    """Intra-op threads per inference thread: the usable cores shared out (OMP_NUM_THREADS wins if set)."""
     import torch
 
     if not os.environ.get("OMP_NUM_THREADS"):
@@ -93,24 +93,32 @@ def _torch_threads(workers: int) -> int:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:  # pragma: no cover - not Linux
             cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // max(1, int(workers))))
+        torch.set_num_threads(max(1, cores // max(1, int(threads))))
     return torch.get_num_threads()
 
 
-def run_server(args: argparse.Namespace) -> int:
+@dataclasses.dataclass(frozen=True)
+class ServerOptions:
+    """``boneage serve``, typed: the service's options and where to listen."""
+
+    service: ServiceOptions
+    host: str = "127.0.0.1"  # loopback only unless told otherwise
+    port: int = 8000  # 0: a free port, printed
+
+
+def run_server(options: ServerOptions) -> int:
     """``boneage serve``: load the model(s), then serve until Ctrl+C."""
     import uvicorn
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     log.setLevel(logging.INFO)
-    threads = _torch_threads(args.workers)
-    sock = _bind(args.host, args.port)  # fail fast (port in use) before loading models
+    host = options.host
+    threads = _torch_threads(options.service.threads)
+    sock = _bind(host, options.port)  # fail fast (port in use) before loading models
     try:
-        allowed = (*LOOPBACK_NAMES, args.host) if _is_loopback(args.host) else None  # DNS-rebinding defence
-        app = create_app(args.checkpoint, max_upload_mb=args.max_upload_mb, workers=args.workers,
-                         interval_level=args.interval_level, allowed_hosts=allowed, device=args.device,
-                         ood_check=getattr(args, "ood_check", True))
+        allowed = (*LOOPBACK_NAMES, host) if _is_loopback(host) else None  # DNS-rebinding defence
+        app = create_app(options.service, allowed_hosts=allowed)
     except BaseException:
         sock.close()
         raise
@@ -121,12 +129,12 @@ def run_server(args: argparse.Namespace) -> int:
     print(f"boneage serve: {url}/  (API {url}{API}, docs {url}/docs)\n"
           f"  model: {', '.join(info['architectures'])} x{info['members']}"
           + (f", validation MAE {mae:.1f} months" if mae is not None else "")
-          + f", TTA {'on' if info['tta'] else 'off'}; {service.workers} inference worker(s) x {threads} torch "
+          + f", TTA {'on' if info['tta'] else 'off'}; {service.threads} inference thread(s) x {threads} torch "
           f"thread(s); "
           f"uploads up to {service.max_upload_mb:g} MB\n"
           f"  {RUO_NOTICE}. Ctrl+C stops the server.", flush=True)
-    if not _is_loopback(args.host):
-        print(f"boneage serve: warning: listening on {args.host}, not only this machine: anyone who can reach "
+    if not _is_loopback(host):
+        print(f"boneage serve: warning: listening on {host}, not only this machine: anyone who can reach "
               "it can upload images, and there is no authentication or TLS; put it behind a proxy that has both",
               flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5))

@@ -101,35 +101,56 @@ def _blank_to_none(value: str | None) -> str | None:
     return None if value is None or not value.strip() else value
 
 
+@dataclasses.dataclass(frozen=True)
+class ServiceOptions:
+    """Every option of the service, typed and checked when built; ``boneage serve`` maps its flags onto these
+    (``--threads``, ``--max-upload-mb``, ``--max-queue``, ``--report-cache``, ``--no-tta``, ...)."""
+
+    checkpoints: Sequence[str | Path]
+    max_upload_mb: float = 50.0  # larger uploads get 413
+    threads: int = 2  # inference threads (analyses running at once)
+    tta: bool = True
+    heatmap: bool = True
+    max_queue: int = 32  # analyses running or waiting; beyond it 503
+    report_cache: int = 32  # the last N reports kept for the HTML / JSON links
+    warmup: bool = True  # one dummy analysis at start-up, so the first request is not slow
+    interval_level: float = 0.9
+    device: str = "auto"
+    ood_check: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.checkpoints:
+            raise BoneAgeError("no checkpoint given; pass --checkpoint PATH (repeat it for an ensemble)")
+        if not self.max_upload_mb > 0:
+            raise BoneAgeError(f"--max-upload-mb must be positive, not {self.max_upload_mb}")
+        if int(self.threads) < 1:
+            raise BoneAgeError(f"--threads must be at least 1, not {self.threads}")
+        if int(self.max_queue) < 1 or int(self.report_cache) < 0:
+            raise BoneAgeError(f"--max-queue must be at least 1 and --report-cache at least 0, not "
+                               f"{self.max_queue} / {self.report_cache}")
+        if not 0.5 <= self.interval_level <= 0.995:
+            raise BoneAgeError(f"--interval-level must be from 0.5 to 0.995, not {self.interval_level}")
+
+
 class Service:
     """The loaded models, the inference pool and the report store: everything the routes share."""
 
-    def __init__(self, checkpoints: Sequence[str | Path], *, max_upload_mb: float = 50.0, workers: int = 2,
-                 tta: bool = True, heatmap: bool = True, max_queue: int = 32, report_cache: int = 32,
-                 warmup: bool = True, interval_level: float = 0.9, device: str = "auto",
-                 ood_check: bool = True) -> None:
-        if not checkpoints:
-            raise BoneAgeError("no checkpoint given; pass --checkpoint PATH (repeat it for an ensemble)")
-        if not max_upload_mb > 0:
-            raise BoneAgeError(f"--max-upload-mb must be positive, not {max_upload_mb}")
-        if int(workers) < 1:
-            raise BoneAgeError(f"--workers must be at least 1, not {workers}")
-        if not 0.5 <= interval_level <= 0.995:
-            raise BoneAgeError(f"--interval-level must be from 0.5 to 0.995, not {interval_level}")
-        self.interval_level = float(interval_level)
-        self.ood_check = bool(ood_check)
-        self.predictor = load_predictor(checkpoints, runtime="torch", tta=tta, device=device)
-        self.cam_predictor = _cam_copy(self.predictor) if heatmap else None
+    def __init__(self, options: ServiceOptions) -> None:
+        o = self.options = options
+        self.interval_level = float(o.interval_level)
+        self.ood_check = bool(o.ood_check)
+        self.predictor = load_predictor(list(o.checkpoints), runtime="torch", tta=o.tta, device=o.device)
+        self.cam_predictor = _cam_copy(self.predictor) if o.heatmap else None
         self._cam_lock = threading.Lock()
-        self.max_upload_mb = float(max_upload_mb)
-        self.max_upload_bytes = int(max_upload_mb * MB)
-        self.workers = int(workers)
-        self.max_queue = max(int(max_queue), self.workers)
-        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="boneage-infer")
-        self.reports = ReportStore(report_cache)
+        self.max_upload_mb = float(o.max_upload_mb)
+        self.max_upload_bytes = int(o.max_upload_mb * MB)
+        self.threads = int(o.threads)
+        self.max_queue = max(int(o.max_queue), self.threads)
+        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="boneage-infer")
+        self.reports = ReportStore(o.report_cache)
         self._busy = 0
         self._busy_lock = threading.Lock()
-        if warmup:
+        if o.warmup:
             self.warmup()
 
     def warmup(self) -> None:

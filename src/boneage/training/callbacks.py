@@ -1,21 +1,18 @@
-"""Catalyst callbacks that carry the training behaviour: metrics in months, checkpoints, resume, time budget,
-and the console output (one line per epoch)."""
+"""Catalyst callbacks that carry the training behaviour: metrics in months, time budget and the console output
+(one line per epoch). Saving and resuming: ``training.checkpointing`` and ``training.history``."""
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from catalyst import dl
 
-from boneage.atomic import write_text
-from boneage.checkpoint import load_checkpoint, save_checkpoint
 from boneage.evaluation import regression_metrics
+from boneage.training.record import RunRecord
 
 
 def _gather(runner: dl.IRunner, tensor: torch.Tensor) -> torch.Tensor:
@@ -48,7 +45,7 @@ class MonthsMetricCallback(dl.Callback):
         self._rows.append(runner.batch["row"].detach().cpu())
 
     def on_loader_end(self, runner: dl.IRunner) -> None:
-        if not self._pred:  # stopped before its first batch: no metrics (CheckpointCallback says so)
+        if not self._pred:  # stopped before its first batch: no metrics (EmptyLoaderMetricsCallback)
             return
         ranks = _gather(runner, torch.tensor([runner.engine.process_index]))
         pred = _gather(runner, torch.cat(self._pred)).numpy()
@@ -56,7 +53,7 @@ class MonthsMetricCallback(dl.Callback):
         rows = _gather(runner, torch.cat(self._rows)).numpy()
         _, first = np.unique(rows, return_index=True)  # DDP pads shards with repeated rows
         pred, true = pred[first], true[first]
-        if self.task == "age" and not runner.is_train_loader:  # what CheckpointCallback stores for the intervals
+        if self.task == "age" and not runner.is_train_loader:  # what SaveBestCallback stores for the intervals
             runner.calibration = {"pred_months": pred.astype(float).tolist(),
                                   "true_months": true.astype(float).tolist()}
         if self.task == "sex":
@@ -65,6 +62,18 @@ class MonthsMetricCallback(dl.Callback):
             metrics = regression_metrics(pred, true)
         metrics["ranks"] = len(set(ranks.tolist()))  # how many processes contributed predictions
         runner.loader_metrics.update({k: float(v) for k, v in metrics.items()})
+
+
+class EmptyLoaderMetricsCallback(dl.Callback):
+    """A loader stopped before its first batch logs no metrics (Catalyst's mean loss of no batch is NaN): its
+    ``epoch_metrics`` entry is empty, which the saving callbacks read as "this loader did not run"."""
+
+    def __init__(self) -> None:
+        super().__init__(order=dl.CallbackOrder.external + 1)  # after every callback that puts loader metrics
+
+    def on_loader_end(self, runner: dl.IRunner) -> None:
+        if runner.loader_batch_step == 0:
+            runner.loader_metrics.clear()
 
 
 class TimeBudgetCallback(dl.Callback):
@@ -103,92 +112,6 @@ class TimeBudgetCallback(dl.Callback):
             runner.need_early_stop = True
 
 
-def write_json_atomic(data: Any, path: Path) -> None:
-    write_text(path, json.dumps(data, indent=2))
-
-
-class CheckpointCallback(dl.Callback):
-    """Resume from ``last.pt`` at start; each epoch write ``last.pt``, ``best.pt`` and ``metrics.json``.
-
-    Only the main process writes. Files are written atomically (``save_checkpoint``).
-    """
-
-    def __init__(self, run_dir: Path, base_state: dict[str, Any], monitor: str, minimize: bool,
-                 resume_from: Path | None = None) -> None:
-        super().__init__(order=dl.CallbackOrder.external + 1)  # after early stopping & scheduler
-        self.run_dir = run_dir
-        self.base_state = base_state  # config, target, ...
-        self.monitor, self.minimize = monitor, minimize
-        self.resume_from = resume_from
-        self.best: float | None = None
-        self.best_metrics: dict[str, float] = {}
-        self.history: list[dict[str, Any]] = []
-        self.elapsed_before = 0.0
-        self.start = time.monotonic()
-
-    def on_experiment_start(self, runner: dl.IRunner) -> None:
-        self.start = time.monotonic()
-        if self.resume_from is None:
-            return
-        state = load_checkpoint(self.resume_from)
-        # with EMA, "model" holds the averaged weights (what was validated) and "train_model" the trained ones
-        runner.engine.unwrap_model(runner.model).load_state_dict(state.get("train_model", state["model"]))
-        if getattr(runner, "ema", None) is not None and "train_model" in state:
-            runner.ema.load_state_dict(state["model"], int(state.get("ema_updates", 0)))
-        runner.optimizer.load_state_dict(state["optimizer"])
-        if runner.scheduler is not None and state.get("scheduler") is not None:
-            runner.scheduler.load_state_dict(state["scheduler"])
-        runner.epoch_step = int(state["epoch"])
-        self.best = state.get("best_score")
-        self.best_metrics = dict(state.get("metrics") or {})
-        self.history = list(state.get("history") or [])
-        self.elapsed_before = float(state.get("elapsed_s", 0.0))
-        if runner.engine.is_main_process:
-            print(f"resumed from {self.resume_from} after epoch {runner.epoch_step}", flush=True)
-
-    def _is_better(self, score: float) -> bool:
-        if self.best is None:
-            return True
-        return score < self.best if self.minimize else score > self.best
-
-    def on_loader_end(self, runner: dl.IRunner) -> None:
-        if runner.loader_batch_step == 0:  # stopped before its first batch: log nothing (Catalyst's loss is NaN)
-            runner.loader_metrics.clear()
-
-    def on_epoch_end(self, runner: dl.IRunner) -> None:
-        valid = dict(runner.epoch_metrics.get("valid") or {})
-        train = dict(runner.epoch_metrics.get("train") or {})
-        validated = self.monitor in valid  # an empty (stopped) validation loader yields no metrics
-        improved = validated and self._is_better(valid[self.monitor])
-        if improved:
-            self.best, self.best_metrics = valid[self.monitor], {**valid, "epoch": runner.epoch_step}
-        elapsed = self.elapsed_before + time.monotonic() - self.start
-        self.history.append({"epoch": runner.epoch_step, "elapsed_s": round(elapsed, 1),
-                             "train": train, "valid": valid if validated else None})
-        if not runner.engine.is_main_process:
-            return
-        summary: dict[str, Any] = {"best": self.best_metrics, "monitor": self.monitor,
-                                   "epochs_done": runner.epoch_step, "elapsed_s": round(elapsed, 1),
-                                   "target": self.base_state["target"], "world_size": runner.engine.num_processes,
-                                   "validation_ran": bool(self.best_metrics), "history": self.history}
-        if not self.best_metrics:
-            summary["no_validation"] = no_validation_reason(runner)
-        trained = {k: v.detach().cpu() for k, v in runner.engine.unwrap_model(runner.model).state_dict().items()}
-        ema = getattr(runner, "ema", None)
-        model_state = ema.state_dict() if ema is not None else trained  # the weights that were validated
-        state = {**self.base_state, "model": model_state, "epoch": runner.epoch_step,
-                 "metrics": self.best_metrics, "best_score": self.best, "history": self.history,
-                 "elapsed_s": elapsed}
-        if improved:
-            calibration = getattr(runner, "calibration", None)  # this epoch's validation predictions and labels
-            save_checkpoint({**state, "calibration": calibration} if calibration else state, self.run_dir / "best.pt")
-        extra = {"train_model": trained, "ema_updates": ema.updates} if ema is not None else {}
-        save_checkpoint({**state, **extra, "optimizer": runner.optimizer.state_dict(),
-                         "scheduler": runner.scheduler.state_dict() if runner.scheduler is not None else None},
-                        self.run_dir / "last.pt")
-        write_json_atomic(summary, self.run_dir / "metrics.json")
-
-
 def no_validation_reason(runner: dl.IRunner) -> str:
     """Why the validation loader of this epoch ended before its first batch, in words."""
     budget = next((cb for cb in runner.callbacks.values() if isinstance(cb, TimeBudgetCallback)), None)
@@ -217,8 +140,9 @@ class EpochLineCallback(dl.Callback):
     Catalyst's tqdm bars are a separate callback that the runner adds only when stderr is a terminal.
     """
 
-    def __init__(self) -> None:
-        super().__init__(order=dl.CallbackOrder.external + 2)  # after CheckpointCallback: the best is known
+    def __init__(self, record: RunRecord | None = None) -> None:
+        super().__init__(order=dl.CallbackOrder.external + 5)  # after the saving callbacks: the best is known
+        self.record = record  # the best so far, quoted on the line
         self.start = time.monotonic()
 
     def on_experiment_start(self, runner: dl.IRunner) -> None:
@@ -228,17 +152,18 @@ class EpochLineCallback(dl.Callback):
     def on_epoch_end(self, runner: dl.IRunner) -> None:
         if not runner.engine.is_main_process:
             return
-        print(format_epoch_line(runner, time.monotonic() - self.start), flush=True)
+        best = self.record.best_metrics if self.record is not None else {}
+        print(format_epoch_line(runner, time.monotonic() - self.start, best), flush=True)
 
 
-def format_epoch_line(runner: dl.IRunner, elapsed_s: float) -> str:
+def format_epoch_line(runner: dl.IRunner, elapsed_s: float, best: dict[str, Any] | None = None) -> str:
+    """``best``: the best epoch's metrics with its "epoch" (``RunRecord.best_metrics``)."""
+    best = best or {}
     train = runner.epoch_metrics.get("train") or {}
     valid = runner.epoch_metrics.get("valid") or {}
     parts = [f"epoch {runner.epoch_step}/{runner.num_epochs}"]
     if "loss" in train:
         parts.append(f"train loss {train['loss']:.3f}")
-    checkpoint = next((cb for cb in runner.callbacks.values() if isinstance(cb, CheckpointCallback)), None)
-    best = checkpoint.best_metrics if checkpoint is not None else {}
     if "mae_months" in valid:
         text = f"valid MAE {valid['mae_months']:.1f} months"
         if best.get("mae_months") is not None:
@@ -253,3 +178,16 @@ def format_epoch_line(runner: dl.IRunner, elapsed_s: float) -> str:
         parts.append(no_validation_reason(runner))
     parts.append(f"elapsed {elapsed_s:.0f} s")
     return "  ".join(parts)
+
+
+class EpochShuffleCallback(dl.Callback):
+    """Give the training sampler (``EpochShuffle``) the epoch at the start of each ``loader_key`` pass: one new
+    order per epoch, the same on every DDP process (the job Catalyst does only for ``DistributedSampler``)."""
+
+    def __init__(self, sampler: Any, loader_key: str = "train") -> None:
+        super().__init__(order=dl.CallbackOrder.internal)
+        self.sampler, self.loader_key = sampler, loader_key
+
+    def on_loader_start(self, runner: dl.IRunner) -> None:
+        if runner.loader_key == self.loader_key:
+            self.sampler.use_epoch(runner.epoch_step)

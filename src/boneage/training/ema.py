@@ -3,7 +3,7 @@
 After every optimizer step ``ema = decay_t * ema + (1 - decay_t) * weights`` over parameters and
 buffers (BatchNorm statistics), with the usual warm-up ``decay_t = min(decay, (1 + t) / (10 + t))``
 so the randomly initialised head does not linger. Validation runs on the averaged copy
-(``BoneAgeRunner.handle_batch``); ``CheckpointCallback`` saves it as the inference weights of
+(``BoneAgeRunner.handle_batch``); ``SaveBestCallback`` and ``SaveLastCallback`` save it as the inference weights of
 ``best.pt`` and keeps both in ``last.pt`` for ``--resume``.
 """
 
@@ -50,7 +50,7 @@ class EmaCallback(dl.Callback):
     """Creates ``runner.ema`` at the start and updates it after each training step."""
 
     def __init__(self, decay: float) -> None:
-        super().__init__(order=dl.CallbackOrder.optimizer + 1)  # after the step; before CheckpointCallback
+        super().__init__(order=dl.CallbackOrder.optimizer + 1)  # after the step; before the checkpoint savers
         self.decay = decay
 
     def on_experiment_start(self, runner: dl.IRunner) -> None:

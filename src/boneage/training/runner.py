@@ -32,17 +32,20 @@ from boneage.atomic import remove_partial_files
 from boneage.checkpoint import load_checkpoint
 from boneage.config import Config
 from boneage.data.cache import default_cache_dir, open_cache, prepare_cache
-from boneage.data.dataset import BoneAgeDataset
+from boneage.data.dataset import BoneAgeDataset, EpochShuffle
 from boneage.data.rsna import read_labels
 from boneage.data.splits import kfold_split, train_val_split
 from boneage.training.gate import fit_gate
 from boneage.errors import BoneAgeError, ConfigError
 from boneage.models import create_model
 from boneage.models.registry import check_model_args
-from boneage.training.callbacks import (CheckpointCallback, EpochLineCallback, MonthsMetricCallback,
-                                        TimeBudgetCallback)
+from boneage.training.callbacks import (EmptyLoaderMetricsCallback, EpochLineCallback, EpochShuffleCallback,
+                                        MonthsMetricCallback, TimeBudgetCallback)
+from boneage.training.checkpointing import ResumeCallback, SaveBestCallback, SaveLastCallback
 from boneage.training.divergence import DivergenceCallback
 from boneage.training.ema import EmaCallback
+from boneage.training.history import HistoryCallback, MetricsFileCallback
+from boneage.training.record import RunRecord
 from boneage.transforms import build_transforms
 
 ENGINES = ("auto", "cpu", "gpu", "ddp")
@@ -76,6 +79,7 @@ class BoneAgeRunner(dl.IRunner):
         self.cfg, self.run_dir, self.cache_path = cfg, run_dir, cache_path
         self.train_idx, self.val_idx = train_idx, val_idx
         self.target, self.resume_from = target, resume_from
+        self.train_sampler = EpochShuffle(len(train_idx), cfg.train.seed)  # reordered by EpochShuffleCallback
 
     # --- what to build ---------------------------------------------------------------
     @property
@@ -112,14 +116,7 @@ class BoneAgeRunner(dl.IRunner):
                                self.target["mean"], self.target["std"], task)
         valid = BoneAgeDataset(cache, self.val_idx, build_transforms(cfg.augment, "eval"),
                                self.target["mean"], self.target["std"], task)
-        workers = cfg.data.num_workers
-        common: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0,
-                                  "pin_memory": torch.cuda.is_available()}
-        return {
-            "train": DataLoader(train, batch_size=cfg.train.batch_size, shuffle=True,
-                                drop_last=len(train) > cfg.train.batch_size, **common),
-            "valid": DataLoader(valid, batch_size=cfg.train.batch_size * 2, shuffle=False, **common),
-        }
+        return make_loaders(train, valid, cfg, self.train_sampler)
 
     def get_model(self) -> torch.nn.Module:
         m = self.cfg.model
@@ -138,13 +135,14 @@ class BoneAgeRunner(dl.IRunner):
 
     def get_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
-        params = param_groups(model, t.lr, t.backbone_lr_mult)
+        lr = scaled_lr(t.lr, t.lr_scaling, self.engine.num_processes)
+        params = param_groups(model, lr, t.backbone_lr_mult)
         if t.optimizer == "adam":
-            return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+            return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
         if t.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+            return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
         if t.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
+            return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
         raise ConfigError(f"train.optimizer '{t.optimizer}' is unknown; use adam, adamw or sgd")
 
     def get_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -164,16 +162,25 @@ class BoneAgeRunner(dl.IRunner):
     def get_callbacks(self) -> dict[str, dl.Callback]:
         t, task = self.cfg.train, self.cfg.model.task
         monitor, minimize = ("mae_months", True) if task == "age" else ("accuracy", False)
+        record = RunRecord()  # best score and history, shared by the callbacks that save and resume the run
+        base_state = {"config": self.cfg.to_dict(), "target": self.target}
         callbacks: dict[str, dl.Callback] = {
             "criterion": dl.CriterionCallback(input_key="logits", target_key="target", metric_key="loss"),
             "backward": dl.BackwardCallback(metric_key="loss"),
             "optimizer": dl.OptimizerCallback(metric_key="loss"),
             "metrics": MonthsMetricCallback(self.target["mean"], self.target["std"], task),
-            "checkpoint": CheckpointCallback(
-                self.run_dir, {"config": self.cfg.to_dict(), "target": self.target}, monitor, minimize,
-                self.resume_from),
-            "progress": EpochLineCallback(),  # one line per epoch
+            "empty_loader": EmptyLoaderMetricsCallback(),
+            "shuffle": EpochShuffleCallback(self.train_sampler, loader_key="train"),
+            # at each epoch's end, in this order (their ``order``): history, best.pt, last.pt, metrics.json
+            "history": HistoryCallback(record, loader_key="valid", metric_key=monitor),
+            "save_best": SaveBestCallback(self.run_dir / "best.pt", base_state, record, loader_key="valid",
+                                          metric_key=monitor, minimize=minimize),
+            "save_last": SaveLastCallback(self.run_dir / "last.pt", base_state, record),
+            "metrics_file": MetricsFileCallback(self.run_dir / "metrics.json", record, self.target, metric_key=monitor),
+            "progress": EpochLineCallback(record),  # one line per epoch
         }
+        if self.resume_from is not None:
+            callbacks["resume"] = ResumeCallback(self.resume_from, record)
         if sys.stderr.isatty():  # progress bars for a person at a terminal, not for logs and CI
             callbacks["bars"] = dl.TqdmCallback()
         if self.scheduler is not None:
@@ -210,6 +217,33 @@ class BoneAgeRunner(dl.IRunner):
         ema = getattr(self, "ema", None)
         model = ema.module if (ema is not None and not self.is_train_loader) else self.model
         self.batch["logits"] = model(image, male)
+
+
+def make_loaders(train: Any, valid: Any, cfg: Config, sampler: EpochShuffle | None = None) -> dict[str, DataLoader]:
+    """The two loaders, ``train.batch_size`` images per batch and process. Under DDP the engine (accelerate)
+    deals the shuffled batches out to the processes, so one optimizer step sees ``batch_size x processes``
+    images and an epoch has ``len(train) // (batch_size x processes)`` steps. The training order is
+    ``EpochShuffle`` (the same on every process, new each epoch through ``EpochShuffleCallback``), so the
+    shards are disjoint and differ from epoch to epoch (``tests/test_ddp.py``)."""
+    order = sampler if sampler is not None else EpochShuffle(len(train), cfg.train.seed)
+    workers = cfg.data.num_workers
+    common: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0,
+                              "pin_memory": torch.cuda.is_available()}
+    return {
+        "train": DataLoader(train, batch_size=cfg.train.batch_size, sampler=order,
+                            drop_last=len(train) > cfg.train.batch_size, **common),
+        "valid": DataLoader(valid, batch_size=cfg.train.batch_size * 2, shuffle=False, **common),
+    }
+
+
+def scaled_lr(lr: float, rule: str, processes: int) -> float:
+    """``train.lr`` for ``processes`` data-parallel processes: ``none`` (as given), ``linear`` (x processes, the
+    rule of Goyal et al. 2017 for SGD, with warm-up) or ``sqrt`` (x sqrt(processes), gentler, for Adam-type)."""
+    n = max(1, int(processes))
+    factors = {"none": 1.0, "linear": float(n), "sqrt": math.sqrt(n)}
+    if rule not in factors:
+        raise ConfigError(f"train.lr_scaling '{rule}' is unknown; use none, linear or sqrt")
+    return lr * factors[rule]
 
 
 def param_groups(model: torch.nn.Module, lr: float, backbone_lr_mult: float) -> list[dict[str, Any]]:
