@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import albumentations as A
 import numpy as np
 import torch
@@ -72,7 +74,7 @@ class EpochShuffle(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[int]:
         generator = torch.Generator()
         generator.manual_seed(self.seed * 100_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=generator).tolist())

@@ -133,20 +133,17 @@ def run_predict(options: PredictOptions) -> int:
     if not paths:
         raise BoneAgeError(f"no images found in {' '.join(o.paths)} (PNG, JPEG or DICOM files, folders, globs)")
     predictor = load_predictor(list(o.checkpoints), runtime=o.runtime, tta=o.tta, device=o.device)
-    heatmap = o.heatmap
-    if heatmap and predictor.runtime != "torch":
-        if o.out:
-            print("boneage predict: note: no Grad-CAM heatmaps with --runtime onnx (they need PyTorch)",
-                  file=sys.stderr)
-    elif heatmap and not gradcam_available():
+    # one line for the run; each record's notes say it too (analysis.finish)
+    if o.heatmap and predictor.runtime != "torch" and o.out:
+        print("boneage predict: note: no Grad-CAM heatmaps with --runtime onnx (they need PyTorch)", file=sys.stderr)
+    elif o.heatmap and predictor.runtime == "torch" and not gradcam_available():
         print(f"boneage predict: note: no Grad-CAM heatmaps: {GRADCAM_MISSING}", file=sys.stderr)
-        heatmap = False
     if o.out:
         Path(o.out).mkdir(parents=True, exist_ok=True)
         remove_partial_files(o.out)  # temp files of writes killed in an earlier run
     records = predict_many(predictor, paths, out_dir=o.out, sex=sex, chronological_age=ca,
                            right_hand=True if o.right_hand else None, keep_identifiers=o.keep_identifiers,
-                           heatmap=heatmap, interval_level=o.interval_level, ood_check=o.ood_check,
+                           heatmap=o.heatmap, interval_level=o.interval_level, ood_check=o.ood_check,
                            batch_size=o.batch_size, workers=o.workers)
     print(format_table(records))
     model = _model_fields(predictor)

@@ -266,7 +266,8 @@ def split_indices(cfg: Config, index: Any) -> tuple[np.ndarray, np.ndarray]:
 def _check_resumable(cfg: Config, last: Path) -> None:
     """Resuming needs the settings that shape the optimisation unchanged (one-cycle knows its length)."""
     saved = Config.from_dict(load_checkpoint(last)["config"], source=str(last))
-    keys = ("epochs", "batch_size", "lr", "backbone_lr_mult", "warmup_pct", "ema_decay", "optimizer", "scheduler")
+    keys = ("epochs", "batch_size", "lr", "lr_scaling", "backbone_lr_mult", "warmup_pct", "ema_decay", "optimizer",
+            "scheduler")
     changed = [k for k in keys if getattr(saved.train, k) != getattr(cfg.train, k)]
     changed += [f"model.{k}" for k in ("name", "width", "sex_input")
                 if getattr(saved.model, k) != getattr(cfg.model, k)]
