@@ -10,6 +10,7 @@ for ONNX Runtime with Grad-CAM off (the issue's target: batched >= 3x per-file),
 Grad-CAM on. Writes ``results/throughput.json``::
 
     python -m benchmarks.throughput --checkpoint runs/cpu-small/best.pt [--n 2000]
+    python -m benchmarks.throughput --checkpoint best.pt --device cuda --precision fp16 --out gpu-results  # a GPU
 """
 
 from __future__ import annotations
@@ -35,12 +36,14 @@ CONFIGS = [  # (name, runtime, mode, workers, heatmap)
 ]
 
 
-def one(checkpoint: str, runtime: str, mode: str, workers: int, heatmap: bool, files: list[str]) -> dict:
+def one(checkpoint: str, runtime: str, mode: str, workers: int, heatmap: bool, files: list[str], device: str = "cpu",
+        precision: str = "fp32") -> dict:
     """Child process: time one configuration."""
     from boneage.inference.batch import load_predictor, predict_file, predict_many, unique_stems
 
     paths = [Path(f) for f in files]
-    predictor = load_predictor([checkpoint], runtime=runtime, tta=False, device="cpu")
+    predictor = load_predictor([checkpoint], runtime=runtime, tta=False, device=device,
+                               precision=precision if runtime == "torch" else "fp32")
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         if mode == "per-file":
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--rsna", type=Path, default=DEFAULT_RSNA_DIR)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR)
+    p.add_argument("--device", default="cpu", help="cpu (the table in the README), or cuda on a GPU machine")
+    p.add_argument("--precision", default="fp32", help="PyTorch rows: fp32, or fp16 autocast on a GPU")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -77,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for name, runtime, mode, workers, heatmap in CONFIGS:
             spec = {"checkpoint": onnx_file if runtime == "onnx" else str(args.checkpoint), "runtime": runtime,
-                    "mode": mode, "workers": workers, "heatmap": heatmap, "files": files}
+                    "mode": mode, "workers": workers, "heatmap": heatmap, "files": files, "device": args.device,
+                    "precision": args.precision}
             proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--checkpoint", str(args.checkpoint),
                                    "--child", json.dumps(spec)], capture_output=True, text=True, check=True)
             row = {"config": name, **json.loads(proc.stdout.strip().splitlines()[-1])}
@@ -88,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         row["speedup_vs_onnx_per_file"] = round(row["files_per_s"] / base, 2)
     result = {"name": "throughput", "mode": "full",
               "checkpoint": args.checkpoint.name, "n": len(files), "tta": False, "batch_size": 16, "rows": rows,
+              "device": args.device, "precision": args.precision,
               "onnx_batched_speedup": max(r["speedup_vs_onnx_per_file"] for r in rows[1:3])}
     write_result(args.out, "throughput", result, hardware_info())
     print(json.dumps({k: v for k, v in result.items() if k != "hardware"}, indent=2))

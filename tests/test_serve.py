@@ -471,13 +471,15 @@ def test_serve_exposes_every_service_option(monkeypatch):
     monkeypatch.setattr(server, "run_server", lambda options: seen.setdefault("options", options) and 0)
     argv = ["serve", "--checkpoint", "a.pt", "--checkpoint", "b.pt", "--host", "0.0.0.0", "--port", "0",
             "--max-upload-mb", "7.5", "--threads", "3", "--no-tta", "--no-heatmap", "--max-queue", "9",
-            "--report-cache", "4", "--no-warmup", "--interval-level", "80%", "--device", "cpu", "--no-ood-check"]
+            "--report-cache", "4", "--no-warmup", "--interval-level", "80%", "--device", "cpu", "--precision", "bf16",
+            "--no-ood-check"]
     assert cli.main(argv) == 0
     options = seen["options"]
     assert (options.host, options.port) == ("0.0.0.0", 0)
     assert dataclasses.asdict(options.service) == dict(
         checkpoints=["a.pt", "b.pt"], max_upload_mb=7.5, threads=3, tta=False, heatmap=False, max_queue=9,
-        report_cache=4, warmup=False, interval_level=0.8, device="cpu", ood_check=False)
+        report_cache=4, warmup=False, interval_level=0.8, device="cpu", precision="bf16",
+        ood_check=False)
     defaults = dataclasses.asdict(cli._options(ServiceOptions, build_parser().parse_args(
         ["serve", "--checkpoint", "m.pt"]), checkpoints=["m.pt"]))
     assert defaults == dataclasses.asdict(ServiceOptions(["m.pt"]))  # flag defaults = the library's defaults

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from boneage import __version__
+from boneage.device import PRECISIONS
 from boneage.cli_types import (HelpFormatter, device_name, int_in, interval_level, out_folder,  # noqa: F401
                                positive_float)
 from boneage.errors import BoneAgeError
@@ -42,6 +43,9 @@ PREDICT_EXAMPLES = """examples:
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", type=device_name, default="auto",
                    help="auto (a CUDA GPU if PyTorch sees one, else the CPU), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="fp32 (default), or mixed precision: fp16 autocast (for a GPU) or bf16 (CPUs with AMX); "
+                        "evaluate measures the difference from fp32")
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool) -> None:
@@ -121,13 +125,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     report = evaluate(args.checkpoint, args.images, args.labels, args.out, tta=args.tta,
                       cache_dir=args.cache_dir, skip_bad=args.skip_bad, workers=args.workers,
-                      interval_level=args.interval_level, device=args.device)
+                      interval_level=args.interval_level, device=args.device, precision=args.precision)
     print(f"n={report['n']}  MAE {report['mae_months']:.2f}  RMSE {report['rmse_months']:.2f}  "
           f"median AE {report['median_ae_months']:.2f} months  within 12 m {report['within_12_months_pct']:.1f}%  "
           + (f"{report['interval']['level_pct']:g}% interval coverage {report['interval']['coverage_pct']:.1f}%  "
              if "interval" in report else "")
           + (f"OOD check would refuse {report['ood']['refused']} ({report['ood']['refused_pct']:.2f}%)  "
-             if "ood" in report else "") + f"-> {args.out}/metrics.json")
+             if "ood" in report else "")
+          + (f"{args.precision} vs fp32: max difference {report['precision_parity']['max_abs_diff_months']:.3f} "
+             "months  " if "precision_parity" in report else "") + f"-> {args.out}/metrics.json")
+    parity = report.get("precision_parity")
+    if parity and not parity["within_target"]:
+        print(f"boneage evaluate: note: {args.precision} predictions differ from fp32 by up to "
+              f"{parity['max_abs_diff_months']:.2f} months (target <= {parity['target_months']:g}): report fp32 "
+              "numbers, or check this precision on your hardware", file=sys.stderr)
     return 0
 
 

@@ -105,6 +105,10 @@ class TrainConfig:
     lr: Annotated[float, Range(0.0, 10.0, lo_open=True)] = 1e-3
     # the encoder's LR = lr * this (< 1: fine-tune pretrained weights gently)
     backbone_lr_mult: Annotated[float, Range(0.0, 100.0, lo_open=True)] = 1.0
+    # > 0: the encoder's stem and first N stages keep their pretrained weights (``boneage.models.freeze``)
+    freeze_stages: Annotated[int, Range(0, 64)] = 0
+    # the fraction of train.epochs after which the frozen stages train too (1.0: frozen for the whole run)
+    unfreeze_at: Annotated[float, Range(0.0, 1.0)] = 1.0
     # one-cycle: fraction of the steps spent warming the LR up
     warmup_pct: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 0.2
     ema_decay: Fraction = 0.0  # > 0: validate and save an exponential moving average of the weights

@@ -62,3 +62,31 @@ def onnx_providers(name: str, available: list[str] | None = None) -> list[Any]:
         raise BoneAgeError(f"--device {name}: ONNX Runtime offers no CUDA provider here (install onnxruntime-gpu "
                            "instead of onnxruntime); use --device cpu or auto")
     return ["CPUExecutionProvider"]
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def check_precision(precision: str, runtime: str = "torch") -> str:
+    """``fp32`` (default), ``fp16`` or ``bf16`` autocast for PyTorch models; ONNX files run as exported."""
+    if precision not in PRECISIONS:
+        raise BoneAgeError(f"unknown precision {precision!r}: use {', '.join(PRECISIONS)}")
+    if precision != "fp32" and runtime != "torch":
+        raise BoneAgeError(f"--precision {precision} is for PyTorch checkpoints; an ONNX model runs in the precision "
+                           "it was exported in: drop --precision, or pass the .pt checkpoint")
+    return precision
+
+
+def autocast(device: Any, precision: str) -> Any:
+    """The context a model call runs in: nothing for ``fp32``, else ``torch.autocast`` with that dtype on the
+    device's type (fp16 is the GPU's mixed precision; on a CPU it works but is slow, and serves as its stand-in in
+    the tests; bf16 is fast on CPUs with AMX / AVX-512-BF16)."""
+    import contextlib
+
+    import torch
+
+    check_precision(precision)
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)

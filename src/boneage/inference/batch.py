@@ -27,9 +27,12 @@ from boneage.report.schema import printable
 
 
 def load_predictor(checkpoints: Sequence[str | Path], *, runtime: str = "torch", tta: bool = True,
-                   device: str = "auto") -> Ensemble:
+                   device: str = "auto", precision: str = "fp32") -> Ensemble:
     """``Predictor`` (PyTorch checkpoints) or ``OnnxPredictor`` (``boneage export`` files) on ``device``
-    (``boneage.device``: auto = a CUDA GPU when there is one)."""
+    (``boneage.device``: auto = a CUDA GPU when there is one), PyTorch models in ``precision`` (autocast)."""
+    from boneage.device import check_precision, resolve_device
+
+    check_precision(precision, runtime)
     if runtime == "onnx":
         from boneage.inference.onnx import OnnxPredictor
 
@@ -39,10 +42,9 @@ def load_predictor(checkpoints: Sequence[str | Path], *, runtime: str = "torch",
     onnx_files = [str(c) for c in checkpoints if str(c).lower().endswith(".onnx")]
     if onnx_files:
         raise CheckpointError(f"{onnx_files[0]} is an ONNX model: add --runtime onnx (or give the .pt checkpoint)")
-    from boneage.device import resolve_device
     from boneage.inference.predictor import Predictor
 
-    return Predictor(checkpoints, tta=tta, device=resolve_device(device))
+    return Predictor(checkpoints, tta=tta, device=resolve_device(device), precision=precision)
 
 
 def error_record(predictor: Ensemble, file: str | Path, message: str) -> dict[str, Any]:
@@ -115,6 +117,7 @@ class PredictOptions:
     batch_size: int = 16
     workers: int = 0  # processes that decode and prepare files; 0 = in this process
     device: str = "auto"
+    precision: str = "fp32"  # fp16 / bf16: autocast (PyTorch checkpoints only)
     keep_identifiers: bool = False
     runtime: str = "torch"  # or "onnx"
 
@@ -132,7 +135,8 @@ def run_predict(options: PredictOptions) -> int:
     paths = list_images(list(o.paths))
     if not paths:
         raise BoneAgeError(f"no images found in {' '.join(o.paths)} (PNG, JPEG or DICOM files, folders, globs)")
-    predictor = load_predictor(list(o.checkpoints), runtime=o.runtime, tta=o.tta, device=o.device)
+    predictor = load_predictor(list(o.checkpoints), runtime=o.runtime, tta=o.tta, device=o.device,
+                               precision=o.precision)
     # one line for the run; each record's notes say it too (analysis.finish)
     if o.heatmap and predictor.runtime != "torch" and o.out:
         print("boneage predict: note: no Grad-CAM heatmaps with --runtime onnx (they need PyTorch)", file=sys.stderr)

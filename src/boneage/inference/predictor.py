@@ -18,6 +18,7 @@ import torch
 
 from boneage.checkpoint import model_from_checkpoint
 from boneage.config import Config
+from boneage.device import autocast, check_precision
 from boneage.errors import CheckpointError
 from boneage.inference.conformal import Calibration
 from boneage.inference.ensemble import Ensemble, average_views, eval_batches
@@ -62,10 +63,12 @@ class Predictor(Ensemble):
 
     runtime = "torch"
 
-    def __init__(self, checkpoints: Sequence[str | Path], *, tta: bool = False, device: str = "cpu") -> None:
+    def __init__(self, checkpoints: Sequence[str | Path], *, tta: bool = False, device: str = "cpu",
+                 precision: str = "fp32") -> None:
         if not checkpoints:
             raise CheckpointError("no checkpoint given; pass --checkpoint PATH (repeat it for an ensemble)")
         self.device = torch.device(device)
+        self.precision = check_precision(precision)
         self.tta = tta
         self.members: list[Member] = []
         for path in checkpoints:
@@ -77,7 +80,7 @@ class Predictor(Ensemble):
 
     @property
     def device_label(self) -> str:
-        return f"PyTorch on {self.device}"
+        return f"PyTorch on {self.device}" + ("" if self.precision == "fp32" else f", {self.precision} autocast")
 
     @torch.inference_mode()
     def predict_member(self, member: Member, images: np.ndarray, male: np.ndarray,
@@ -86,7 +89,9 @@ class Predictor(Ensemble):
 
         def run(x: np.ndarray, sex: np.ndarray | None) -> np.ndarray:
             male_t = None if sex is None else torch.from_numpy(sex).to(self.device)
-            return member.model(torch.from_numpy(x).to(self.device), male_t).float().cpu().numpy()
+            with autocast(self.device, self.precision):
+                out = member.model(torch.from_numpy(x).to(self.device), male_t)
+            return out.float().cpu().numpy()
 
         normalised = average_views(run, member, images, male, tta=self.tta, batch_size=batch_size)
         return normalised * member.std + member.mean

@@ -20,6 +20,7 @@ from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from boneage.device import check_precision
 from boneage.errors import BoneAgeError, ImageReadError, UnusableImageError
 from boneage.inference.batch import load_predictor, predict_array
 from boneage.io import IMAGE_SUFFIXES, _sniff, read_image
@@ -116,9 +117,11 @@ class ServiceOptions:
     warmup: bool = True  # one dummy analysis at start-up, so the first request is not slow
     interval_level: float = 0.9
     device: str = "auto"
+    precision: str = "fp32"  # fp16 / bf16: autocast
     ood_check: bool = True
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if not self.checkpoints:
             raise BoneAgeError("no checkpoint given; pass --checkpoint PATH (repeat it for an ensemble)")
         if not self.max_upload_mb > 0:
@@ -139,7 +142,8 @@ class Service:
         o = self.options = options
         self.interval_level = float(o.interval_level)
         self.ood_check = bool(o.ood_check)
-        self.predictor = load_predictor(list(o.checkpoints), runtime="torch", tta=o.tta, device=o.device)
+        self.predictor = load_predictor(list(o.checkpoints), runtime="torch", tta=o.tta, device=o.device,
+                                        precision=o.precision)
         self.cam_predictor = _cam_copy(self.predictor) if o.heatmap else None
         self._cam_lock = threading.Lock()
         self.max_upload_mb = float(o.max_upload_mb)

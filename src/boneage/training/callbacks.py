@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from catalyst import dl
 
+from boneage.models.freeze import freeze_stages
+
 from boneage.evaluation import regression_metrics
 from boneage.training.record import RunRecord
 
@@ -191,3 +193,17 @@ class EpochShuffleCallback(dl.Callback):
     def on_loader_start(self, runner: dl.IRunner) -> None:
         if runner.loader_key == self.loader_key:
             self.sampler.use_epoch(runner.epoch_step)
+
+
+class UnfreezeCallback(dl.Callback):
+    """From epoch ``epoch`` on, let the stages that ``train.freeze_stages`` froze train too. Stateless: a resumed
+    run rebuilds the model frozen and this unfreezes it again at its first epoch if that is past ``epoch``.
+    The optimizer holds the frozen parameters from the start (they have no gradient, so it skips them)."""
+
+    def __init__(self, stages: int, epoch: int) -> None:
+        super().__init__(order=dl.CallbackOrder.internal)
+        self.stages, self.epoch = stages, epoch
+
+    def on_epoch_start(self, runner: dl.IRunner) -> None:
+        if runner.epoch_step >= self.epoch:
+            freeze_stages(runner.engine.unwrap_model(runner.model), self.stages, frozen=False)

@@ -38,9 +38,10 @@ from boneage.data.splits import kfold_split, train_val_split
 from boneage.training.gate import fit_gate
 from boneage.errors import BoneAgeError, ConfigError
 from boneage.models import create_model
+from boneage.models.freeze import freeze_stages, unfreeze_epoch
 from boneage.models.registry import check_model_args
 from boneage.training.callbacks import (EmptyLoaderMetricsCallback, EpochLineCallback, EpochShuffleCallback,
-                                        MonthsMetricCallback, TimeBudgetCallback)
+                                        MonthsMetricCallback, TimeBudgetCallback, UnfreezeCallback)
 from boneage.training.checkpointing import ResumeCallback, SaveBestCallback, SaveLastCallback
 from boneage.training.divergence import DivergenceCallback
 from boneage.training.ema import EmaCallback
@@ -121,6 +122,7 @@ class BoneAgeRunner(dl.IRunner):
     def get_model(self) -> torch.nn.Module:
         m = self.cfg.model
         model = create_model(**asdict(m))
+        freeze_stages(model, self.cfg.train.freeze_stages)
         if self.cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
@@ -198,6 +200,9 @@ class BoneAgeRunner(dl.IRunner):
             callbacks["time_budget"] = TimeBudgetCallback(t.max_minutes)
         if t.ema_decay > 0:
             callbacks["ema"] = EmaCallback(t.ema_decay)
+        thaw = unfreeze_epoch(t.epochs, t.unfreeze_at) if t.freeze_stages else None
+        if thaw is not None:
+            callbacks["unfreeze"] = UnfreezeCallback(t.freeze_stages, thaw)
         return callbacks
 
     def on_experiment_end(self, runner: dl.IRunner) -> None:
@@ -247,13 +252,15 @@ def scaled_lr(lr: float, rule: str, processes: int) -> float:
 
 
 def param_groups(model: torch.nn.Module, lr: float, backbone_lr_mult: float) -> list[dict[str, Any]]:
-    """Two optimizer groups: the encoder at ``lr * backbone_lr_mult``, the rest (head, sex input) at ``lr``."""
+    """Two optimizer groups: the encoder at ``lr * backbone_lr_mult``, the rest (head, sex input) at ``lr``.
+    Frozen parameters (``train.freeze_stages``) are in them too: with no gradient the optimizer skips them (no
+    step, no state) until ``UnfreezeCallback`` lets them train."""
     encoder = getattr(model, "encoder", None)
     if encoder is None or backbone_lr_mult == 1.0:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": lr}]
+        return [{"params": list(model.parameters()), "lr": lr}]
     enc_ids = {id(p) for p in encoder.parameters()}
-    return [{"params": [p for p in encoder.parameters() if p.requires_grad], "lr": lr * backbone_lr_mult},
-            {"params": [p for p in model.parameters() if p.requires_grad and id(p) not in enc_ids], "lr": lr}]
+    return [{"params": list(encoder.parameters()), "lr": lr * backbone_lr_mult},
+            {"params": [p for p in model.parameters() if id(p) not in enc_ids], "lr": lr}]
 
 
 def split_indices(cfg: Config, index: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -266,8 +273,8 @@ def split_indices(cfg: Config, index: Any) -> tuple[np.ndarray, np.ndarray]:
 def _check_resumable(cfg: Config, last: Path) -> None:
     """Resuming needs the settings that shape the optimisation unchanged (one-cycle knows its length)."""
     saved = Config.from_dict(load_checkpoint(last)["config"], source=str(last))
-    keys = ("epochs", "batch_size", "lr", "lr_scaling", "backbone_lr_mult", "warmup_pct", "ema_decay", "optimizer",
-            "scheduler")
+    keys = ("epochs", "batch_size", "lr", "lr_scaling", "backbone_lr_mult", "freeze_stages", "unfreeze_at",
+            "warmup_pct", "ema_decay", "optimizer", "scheduler")
     changed = [k for k in keys if getattr(saved.train, k) != getattr(cfg.train, k)]
     changed += [f"model.{k}" for k in ("name", "width", "sex_input")
                 if getattr(saved.model, k) != getattr(cfg.model, k)]
@@ -289,6 +296,10 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
     if not cfg.data.images or not cfg.data.labels:
         raise ConfigError("no data: pass --images DIR --labels CSV (or set data.images / data.labels)")
     cfg.validate()  # a config built in code is checked like one read from YAML
+    if cfg.train.engine == "ddp" and cfg.train.freeze_stages and cfg.train.unfreeze_at < 1.0:
+        raise ConfigError("train.unfreeze_at < 1 with train.engine=ddp: DistributedDataParallel fixes the trained "
+                          "parameters when it starts, so stages unfrozen later would not be synchronised; use "
+                          "train.unfreeze_at=1.0 (frozen throughout) or train.freeze_stages=0 under DDP")
     m = cfg.model
     check_model_args(m.name, task=m.task, sex_input=m.sex_input, dropout=m.dropout, width=m.width)  # before any work
     run_dir = Path(run_dir)
