@@ -11,9 +11,8 @@ import numpy as np
 import torch
 from catalyst import dl
 
-from boneage.models.freeze import freeze_stages
-
 from boneage.evaluation import regression_metrics
+from boneage.models.freeze import freeze_stages
 from boneage.training.record import RunRecord
 
 
