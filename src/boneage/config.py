@@ -119,6 +119,9 @@ class TrainConfig:
     early_stopping_patience: NonNegative = 0  # 0: off
     # wall-clock budget: stop after the epoch that crosses it
     max_minutes: Annotated[float, Range(0.0, lo_open=True)] | None = None
+    # one-cycle only. steps: anneal at the end of train.epochs; time: at the end of train.epochs or of
+    # train.max_minutes (if set), whichever comes first (``boneage.training.schedule``): a slow machine still anneals
+    anneal_by: Literal["steps", "time"] = "steps"
     engine: Literal["auto", "cpu", "gpu", "ddp"] = "auto"
     ddp_workers: Annotated[int, Range(1, 1024)] = 2  # processes for engine=ddp
     ddp_backend: Literal["nccl", "gloo"] = "nccl"  # nccl on GPU, gloo on CPU

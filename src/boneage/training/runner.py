@@ -47,6 +47,7 @@ from boneage.training.divergence import DivergenceCallback
 from boneage.training.ema import EmaCallback
 from boneage.training.history import HistoryCallback, MetricsFileCallback
 from boneage.training.record import RunRecord
+from boneage.training.schedule import BudgetOneCycleLR
 from boneage.transforms import build_transforms
 
 ENGINES = ("auto", "cpu", "gpu", "ddp")
@@ -152,9 +153,11 @@ class BoneAgeRunner(dl.IRunner):
         if t.scheduler == "none":
             return None
         if t.scheduler == "onecycle":
-            return torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], epochs=t.epochs,
-                steps_per_epoch=len(self.loaders["train"]), pct_start=t.warmup_pct)
+            cycle: dict[str, Any] = dict(max_lr=[g["lr"] for g in optimizer.param_groups], epochs=t.epochs,
+                                         steps_per_epoch=len(self.loaders["train"]), pct_start=t.warmup_pct)
+            if t.anneal_by == "time" and t.max_minutes:
+                return BudgetOneCycleLR(optimizer, max_minutes=t.max_minutes, **cycle)
+            return torch.optim.lr_scheduler.OneCycleLR(optimizer, **cycle)
         if t.scheduler == "cosine":
             return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
         if t.scheduler == "plateau":
@@ -274,6 +277,7 @@ def _check_resumable(cfg: Config, last: Path) -> None:
     """Resuming needs the settings that shape the optimisation unchanged (one-cycle knows its length)."""
     saved = Config.from_dict(load_checkpoint(last)["config"], source=str(last))
     keys = ("epochs", "batch_size", "lr", "lr_scaling", "backbone_lr_mult", "freeze_stages", "unfreeze_at",
+            "anneal_by",
             "warmup_pct", "ema_decay", "optimizer", "scheduler")
     changed = [k for k in keys if getattr(saved.train, k) != getattr(cfg.train, k)]
     changed += [f"model.{k}" for k in ("name", "width", "sex_input")
@@ -296,6 +300,12 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
     if not cfg.data.images or not cfg.data.labels:
         raise ConfigError("no data: pass --images DIR --labels CSV (or set data.images / data.labels)")
     cfg.validate()  # a config built in code is checked like one read from YAML
+    if cfg.train.anneal_by == "time" and cfg.train.scheduler != "onecycle":
+        raise ConfigError(f"train.anneal_by=time is for train.scheduler=onecycle (got {cfg.train.scheduler}): "
+                          "set train.anneal_by=steps with this scheduler")
+    if cfg.train.anneal_by == "time" and cfg.train.engine == "ddp":
+        raise ConfigError("train.anneal_by=time with train.engine=ddp: each process would read its own clock and "
+                          "the LRs of the replicas would drift apart; use train.anneal_by=steps under DDP")
     if cfg.train.engine == "ddp" and cfg.train.freeze_stages and cfg.train.unfreeze_at < 1.0:
         raise ConfigError("train.unfreeze_at < 1 with train.engine=ddp: DistributedDataParallel fixes the trained "
                           "parameters when it starts, so stages unfrozen later would not be synchronised; use "
