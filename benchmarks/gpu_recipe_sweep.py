@@ -13,13 +13,14 @@ per epoch, measured on the CPU beforehand. The GPU only makes it faster; what it
 ``pack`` preprocesses every image once (hand crop, 192 px, as cpu-small) and stores it as JPEG (quality 90), with
 the labels and the validation split ``boneage train`` uses: 35 MB, small enough to copy to a GPU machine. The pack
 is derived from the radiographs: keep it out of the repository. ``run`` needs torch with CUDA, timm, albumentations
-and the Lite0 weights package, not Catalyst. ``summarise`` keeps the metrics (no per-image prediction).
+and the Lite0 weights package, not Catalyst: the EMA (``boneage.training.model_ema``) and the optimizer groups
+(``boneage.training.optim``) are the trainer's own, from Catalyst-free modules. ``summarise`` keeps the metrics (no
+per-image prediction).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import pickle
 import sys
@@ -62,19 +63,6 @@ class _Cache:
         self.index = pd.DataFrame({"boneage": months, "male": male})
 
 
-def _ema_update(ema: Any, model: Any, updates: int, decay: float) -> None:
-    """``boneage.training.ema.ModelEma.update`` (that module imports Catalyst, which a GPU box may lack)."""
-    import torch
-
-    d = min(decay, (1 + updates) / (10 + updates))
-    es, ns = ema.state_dict(), model.state_dict()
-    floats = [k for k, v in es.items() if v.dtype.is_floating_point]
-    torch._foreach_lerp_([es[k] for k in floats], [ns[k].detach() for k in floats], 1.0 - d)
-    for k, v in es.items():
-        if not v.dtype.is_floating_point:
-            v.copy_(ns[k])
-
-
 def run_variant(v: dict[str, Any], data: dict[str, Any], packed: np.ndarray, device: str = "cuda") -> dict[str, Any]:
     """Train one variant (keys: name, epochs, res, fr, lr, mult, bs, aug, dropout, wd, warmup, ema, seed, loss)
     on the decoded images of a pack."""
@@ -87,6 +75,8 @@ def run_variant(v: dict[str, Any], data: dict[str, Any], packed: np.ndarray, dev
     from boneage.data.dataset import BoneAgeDataset, EpochShuffle
     from boneage.models import create_model
     from boneage.models.freeze import freeze_stages
+    from boneage.training.model_ema import ModelEma
+    from boneage.training.optim import param_groups
     from boneage.transforms import build_transforms
 
     torch.backends.cudnn.benchmark = True
@@ -110,18 +100,14 @@ def run_variant(v: dict[str, Any], data: dict[str, Any], packed: np.ndarray, dev
     model = create_model("efficientnet_lite0", pretrained=True, sex_input=True, dropout=v.get("dropout", 0.1))
     freeze_stages(model, v.get("fr", 2))
     model = model.to(dev).to(memory_format=torch.channels_last)
-    lr, mult = v.get("lr", 2e-3), v.get("mult", 0.5)
-    enc = {id(p) for p in model.encoder.parameters()}
-    groups = [{"params": list(model.encoder.parameters()), "lr": lr * mult},
-              {"params": [p for p in model.parameters() if id(p) not in enc], "lr": lr}]
-    opt = torch.optim.AdamW(groups, lr=lr, weight_decay=v.get("wd", 1e-4))
+    lr = v.get("lr", 2e-3)
+    opt = torch.optim.AdamW(param_groups(model, lr, v.get("mult", 0.5)), lr=lr, weight_decay=v.get("wd", 1e-4))
     epochs = v["epochs"]
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], epochs=epochs,
                                                 steps_per_epoch=len(train_loader), pct_start=v.get("warmup", 0.15))
-    ema = copy.deepcopy(model).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    decay, updates, hist, t0 = v.get("ema", 0.997), 0, [], time.time()
+    decay, hist, t0 = v.get("ema", 0.997), [], time.time()
+    ema = ModelEma(model, decay) if decay > 0 else None
+    criterion = {"l1": F.l1_loss, "smooth_l1": F.smooth_l1_loss, "mse": F.mse_loss}[v.get("loss", "l1")]
     for ep in range(epochs):
         sampler.use_epoch(ep + 1)
         model.train()
@@ -130,16 +116,15 @@ def run_variant(v: dict[str, Any], data: dict[str, Any], packed: np.ndarray, dev
             out = model(b["image"].to(dev, non_blocking=True).contiguous(memory_format=torch.channels_last),
                         b["male"].to(dev))
             y = b["target"].to(dev)
-            loss = F.l1_loss(out, y) if v.get("loss", "l1") == "l1" else F.smooth_l1_loss(out, y, beta=0.1)
+            loss = criterion(out, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            updates += 1
-            if decay > 0:
-                _ema_update(ema, model, updates, decay)
+            if ema is not None:
+                ema.update(model)
             total, n = total + loss.detach() * len(y), n + len(y)
-        net = ema if decay > 0 else model.eval()
+        net = ema.module if ema is not None else model.eval()
         with torch.no_grad():
             pred = torch.cat([net(b["image"].to(dev).contiguous(memory_format=torch.channels_last),
                                   b["male"].to(dev)).float().cpu() for b in val_loader]).numpy() * std + mean

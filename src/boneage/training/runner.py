@@ -46,6 +46,7 @@ from boneage.training.checkpointing import ResumeCallback, SaveBestCallback, Sav
 from boneage.training.divergence import DivergenceCallback
 from boneage.training.ema import EmaCallback
 from boneage.training.history import HistoryCallback, MetricsFileCallback
+from boneage.training.optim import param_groups, scaled_lr
 from boneage.training.record import RunRecord
 from boneage.training.schedule import BudgetOneCycleLR
 from boneage.transforms import build_transforms
@@ -242,28 +243,6 @@ def make_loaders(train: Any, valid: Any, cfg: Config, sampler: EpochShuffle | No
                             drop_last=len(train) > cfg.train.batch_size, **common),
         "valid": DataLoader(valid, batch_size=cfg.train.batch_size * 2, shuffle=False, **common),
     }
-
-
-def scaled_lr(lr: float, rule: str, processes: int) -> float:
-    """``train.lr`` for ``processes`` data-parallel processes: ``none`` (as given), ``linear`` (x processes, the
-    rule of Goyal et al. 2017 for SGD, with warm-up) or ``sqrt`` (x sqrt(processes), gentler, for Adam-type)."""
-    n = max(1, int(processes))
-    factors = {"none": 1.0, "linear": float(n), "sqrt": math.sqrt(n)}
-    if rule not in factors:
-        raise ConfigError(f"train.lr_scaling '{rule}' is unknown; use none, linear or sqrt")
-    return lr * factors[rule]
-
-
-def param_groups(model: torch.nn.Module, lr: float, backbone_lr_mult: float) -> list[dict[str, Any]]:
-    """Two optimizer groups: the encoder at ``lr * backbone_lr_mult``, the rest (head, sex input) at ``lr``.
-    Frozen parameters (``train.freeze_stages``) are in them too: with no gradient the optimizer skips them (no
-    step, no state) until ``UnfreezeCallback`` lets them train."""
-    encoder = getattr(model, "encoder", None)
-    if encoder is None or backbone_lr_mult == 1.0:
-        return [{"params": list(model.parameters()), "lr": lr}]
-    enc_ids = {id(p) for p in encoder.parameters()}
-    return [{"params": list(encoder.parameters()), "lr": lr * backbone_lr_mult},
-            {"params": [p for p in model.parameters() if id(p) not in enc_ids], "lr": lr}]
 
 
 def split_indices(cfg: Config, index: Any) -> tuple[np.ndarray, np.ndarray]:
