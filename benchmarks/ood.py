@@ -27,7 +27,7 @@ from boneage.checkpoint import config_from_checkpoint, load_checkpoint
 from boneage.data.cache import default_cache_dir, prepare_cache
 from boneage.data.rsna import read_labels
 from boneage.errors import OutOfDistributionError, UnusableImageError
-from boneage.inference.batch import predict_array
+from boneage.inference.pipeline import predict_array
 from boneage.inference.ood import METHOD
 from boneage.inference.predictor import Predictor
 from boneage.training.gate import fit_gate

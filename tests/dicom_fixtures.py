@@ -50,8 +50,11 @@ def make_dicom(
     window: tuple[float, float] | None = None,
     pixel_data: bool = True,
     compress: str | None = None,
+    modality: str | None = "DX",
+    body_part: str | None = "HAND",
 ) -> Path:
-    """Write a single-frame DX DICOM; ``compress`` is a transfer syntax UID pydicom can encode."""
+    """Write a single-frame DX DICOM; ``compress`` is a transfer syntax UID pydicom can encode; ``modality`` and
+    ``body_part`` (BodyPartExamined) None: left out."""
     path = Path(path)
     if pixels is None:  # a hand as displayed: MONOCHROME1 stores it inverted (0 = white)
         pixels = hand_pixels(bits=bits_stored)
@@ -66,14 +69,13 @@ def make_dicom(
     ds.SOPClassUID = meta.MediaStorageSOPClassUID
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality = "DX"
-    ds.BodyPartExamined = "HAND"
     if identifiers:
         ds.PatientName, ds.PatientID, ds.AccessionNumber = PATIENT_NAME, PATIENT_ID, ACCESSION
     with warnings.catch_warnings():  # tests write malformed values on purpose
         warnings.simplefilter("ignore")
         for keyword, value in (("PatientSex", sex), ("PatientAge", age), ("PatientBirthDate", birth_date),
-                               ("StudyDate", study_date), (laterality_tag, laterality)):
+                               ("StudyDate", study_date), (laterality_tag, laterality), ("Modality", modality),
+                               ("BodyPartExamined", body_part)):
             if value is not None:
                 setattr(ds, keyword, value)
     if slope is not None or intercept is not None:

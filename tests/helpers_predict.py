@@ -138,3 +138,13 @@ def bad_files(tmp_path: Path) -> dict[str, str]:
         "nopixels.dcm": "no pixel data",
         "cut.dcm": "cannot decode DICOM pixel data",
     }
+
+
+def report_of(out: Path, name: str, suffix: str = ".json") -> Path:
+    """The report file of the input called ``name`` in ``boneage predict --out out``: found through the table's
+    ``report`` column (reports live in ``out/reports/<shard>/``)."""
+    import csv
+
+    with (Path(out) / "predictions.csv").open(newline="", encoding="utf-8") as fh:
+        (row,) = [r for r in csv.DictReader(fh) if r["file"] == name or r["file"].endswith("/" + name)]
+    return Path(out) / (row["report"] + suffix)

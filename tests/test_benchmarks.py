@@ -75,3 +75,36 @@ def test_arguments_are_checked(tmp_path):
 def test_results_md_with_no_results(tmp_path):
     md = render_results(tmp_path).read_text()
     assert "Not run yet" in md and "No results yet" in md
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_archive_benchmark_quick_path(tmp_path, rsna_dir):
+    """``benchmarks.archive`` on a tiny archive: every number it reports is there and sane; the scratch is gone."""
+    out, work = tmp_path / "results", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.archive", "--quick", "--files", "96", "--rss-files", "96",
+                           "--full-size", "2", "--profile-files", "32", "--workers", "0", "--model-seconds", "0.5",
+                           "--rsna", str(rsna_dir), "--work", str(work), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads((out / "archive.json").read_text())
+    assert r["mode"] == "quick" and r["hardware"]["cpu_model"] and r["date"]
+    assert r["files"] == 96 and r["best_workers"] == 0 and r["batch_size"] == 32
+    for key in ("model_only_images_per_s", "end_to_end_files_per_s_excl_startup",
+                "end_to_end_files_per_s_incl_startup"):
+        assert _positive(r[key]), f"{key} = {r[key]!r}"
+    for reports in ("none", "all"):
+        run = r["end_to_end"][reports]["0"]
+        assert run["files"] == 96 and _positive(run["files_per_s_incl_startup"]) and _positive(run["startup_s"])
+    assert 0 < r["ratio_excl_startup"] <= 2 and 0 < r["ratio_incl_startup"] <= 2
+    memory = r["memory"]
+    for at in ("at_first_mark", "at_end"):
+        assert _positive(memory[at]["rss_tree_mb"]) and _positive(memory[at]["rss_main_mb"])
+        assert memory[at]["rss_tree_mb"] >= memory[at]["rss_main_mb"]
+    assert isinstance(memory["growth_tree_mb"], float) and memory["samples"]
+    assert r["profile"]["top_by_cumulative"] and _positive(r["profile"]["stages_cumulative_s"]["total (run_predict)"])
+    full = r["full_size"]
+    assert full["files"] == 2 and _positive(full["files_per_s_incl_startup"])
+    assert _positive(full["profile_workers0"]["stages_cumulative_s"]["decode (read_image)"])
+    assert "Predict over an archive" in (out / "RESULTS.md").read_text()
+    assert work.is_dir() and not any(work.iterdir())  # inputs and outputs deleted

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from boneage.cli import main
-from boneage.inference.batch import predict_array
+from boneage.inference.pipeline import predict_array
 from boneage.inference.conformal import Calibration, band_of, conformal_quantile, split_coverage
 from boneage.inference.predictor import Predictor
 from boneage.report import format_table, render_html
-from helpers_predict import hand_image, make_checkpoint, save_png, synthetic_calibration
+from boneage.inference.ensemble import Outputs
+from helpers_predict import hand_image, make_checkpoint, report_of, save_png, synthetic_calibration
 
 
 def test_the_quantile_is_the_finite_sample_rank():
@@ -97,8 +98,8 @@ def test_predict_and_evaluate_write_the_interval(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["predict", str(png), "--checkpoint", str(checkpoint), "--no-tta", "--no-heatmap",
                  "--interval-level", "80%", "--out", str(out)]) == 0
-    record = json.loads((out / "hand.json").read_text())
-    assert record["interval_level"] == 0.8 and record["schema_version"] == "1.2"
+    record = json.loads(report_of(out, "hand.png").read_text())
+    assert record["interval_level"] == 0.8 and record["schema_version"] == "1.3"
     with (out / "predictions.csv").open() as fh:
         row = next(csv.DictReader(fh))
     assert float(row["interval_low_months"]) == record["bone_age_interval_months"][0]
@@ -130,7 +131,7 @@ def test_evaluate_measures_the_coverage_of_the_intervals(tmp_path):
     ([60.0, 160.0], "indeterminate: the 90% prediction interval spans the whole normal range"),
 ])
 def test_the_category_certainty_follows_the_interval(interval, words):
-    from boneage.inference.batch import _certainty
+    from boneage.inference.analysis import _certainty
 
     assert _certainty(interval, 90.0, 125.0, "90%").startswith(words)
 
@@ -149,10 +150,12 @@ def test_the_record_gives_the_normal_range_and_the_standard(tmp_path):
 
 def test_a_bone_age_beyond_the_atlas_gets_a_warning(tmp_path, monkeypatch):
     predictor = Predictor([make_checkpoint(tmp_path / "m.pt")])
-    monkeypatch.setattr(predictor, "predict_preprocessed", lambda images, male: np.full(len(male), 250.0))
+    monkeypatch.setattr(predictor, "infer", lambda images, male: Outputs(np.full(len(male), 250.0),
+                                                                         np.full(len(male), np.nan), None))
     record = predict_array(predictor, hand_image(), heatmap=False, sex="M").record
     assert record["bone_age_months"] == 250.0
     assert any("beyond the Greulich & Pyle atlas" in w and "228 months" in w for w in record["warnings"])
-    monkeypatch.setattr(predictor, "predict_preprocessed", lambda images, male: np.full(len(male), 200.0))
+    monkeypatch.setattr(predictor, "infer", lambda images, male: Outputs(np.full(len(male), 200.0),
+                                                                         np.full(len(male), np.nan), None))
     record = predict_array(predictor, hand_image(), heatmap=False, sex="M").record
     assert not any("atlas" in w for w in record["warnings"])

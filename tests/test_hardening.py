@@ -27,7 +27,7 @@ from boneage.report.csv_report import write_csv
 from boneage.report.schema import empty_record
 from boneage.training.divergence import DivergenceCallback
 from dicom_fixtures import make_dicom
-from helpers_predict import checkpoints, hand_image, save_png  # noqa: F401  (checkpoints: a fixture)
+from helpers_predict import checkpoints, hand_image, report_of, save_png  # noqa: F401  (checkpoints: a fixture)
 
 # --- the config is checked when it is built -------------------------------------------------------------
 
@@ -281,7 +281,7 @@ def test_a_non_utf8_file_name_does_not_break_the_batch(checkpoints, tmp_path):  
     with (out / "predictions.csv").open(newline="", encoding="utf-8") as fh:
         files = sorted(Path(row["file"]).name for row in csv.DictReader(fh))
     assert files == ["caf\ufffd.png", "good.png"]
-    assert json.loads((out / "caf\ufffd.json").read_text(encoding="utf-8"))["bone_age_months"] is not None
+    assert json.loads(report_of(out, "caf\ufffd.png").read_text(encoding="utf-8"))["bone_age_months"] is not None
     assert not [p for p in out.iterdir() if p.name.endswith((".tmp", ".partial")) or p.stat().st_size == 0]
 
 

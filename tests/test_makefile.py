@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import asyncio
 import contextlib
+import csv
 import importlib.util
 import io
 import json
@@ -1115,7 +1116,8 @@ def test_demo_runs_end_to_end_and_features_a_held_out_phantom(tmp_path):
     labels = (demo / "holdout" / "labels.csv").read_text().splitlines()
     row = dict(zip(labels[0].split(","), next(ln for ln in labels if ln.startswith("100000,")).split(",")))
     assert summary["featured"]["drawn_months"] == float(row["boneage"])
-    report = json.loads((demo / "reports" / "100000.json").read_text())
+    (row_100000,) = [r for r in csv.DictReader(open(demo / "reports" / "predictions.csv")) if r["file"] == "100000.png"]
+    report = json.loads((demo / "reports" / (row_100000["report"] + ".json")).read_text())
     assert report["chronological_age_months"] == float(row["boneage"])  # no made-up chronological age
     assert report["sex"] == ("M" if row["male"] == "True" else "F")
     (featured,) = [ln for ln in out.splitlines() if ln.startswith("featured: ")]

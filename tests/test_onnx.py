@@ -15,7 +15,7 @@ from boneage.errors import CheckpointError
 from boneage.inference.onnx import MIN_OPSET, OnnxPredictor, export_onnx
 from boneage.inference.predictor import Predictor
 from boneage.preprocess import preprocess
-from helpers_predict import SIZE, checkpoints, hand_image, make_checkpoint, save_png  # noqa: F401
+from helpers_predict import SIZE, checkpoints, hand_image, make_checkpoint, report_of, save_png  # noqa: F401
 
 TOLERANCE_MONTHS = 0.05
 
@@ -42,9 +42,10 @@ def test_signature_and_metadata(exported, checkpoints):  # noqa: F811
     assert props["boneage.input_size"] == str(SIZE) and props["boneage.checkpoint"] == "a.pt"
     session = OnnxPredictor([exported]).members[0].session
     inputs = {i.name: (i.shape, i.type) for i in session.get_inputs()}
-    assert inputs == {"image": (["batch", 1, SIZE, SIZE], "tensor(float)"), "male": (["batch"], "tensor(float)")}
+    assert inputs == {"image": (["batch", 1, SIZE, SIZE], "tensor(float)")}  # both sexes from one run
     width = len(load_checkpoint(checkpoints["a"])["ood"]["mean"])  # 2 x the channels of the last feature map
-    assert [(o.name, o.shape) for o in session.get_outputs()] == [("months", ["batch"]), ("features", ["batch", width])]
+    assert [(o.name, o.shape) for o in session.get_outputs()] == [
+        ("months_male", ["batch"]), ("months_female", ["batch"]), ("features", ["batch", width])]
     assert json.loads(props["boneage.ood"]) == load_checkpoint(checkpoints["a"])["ood"]
 
 
@@ -89,11 +90,11 @@ def test_predict_with_the_onnx_runtime(exported, checkpoints, tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 0
     assert main(["predict", *args, "--checkpoint", str(checkpoints["a"]), "--no-heatmap", "--out",
                  str(tmp_path / "t")]) == 0
-    on, pt = (json.loads((tmp_path / d / "hand.json").read_text()) for d in ("o", "t"))
+    on, pt = (json.loads(report_of(tmp_path / d, "hand.png").read_text()) for d in ("o", "t"))
     assert on["runtime"] == "onnx" and on["models"] == ["a.onnx"] and on["model_mae_months"] == 9.5 and on["tta"]
     assert on["heatmap"] is None and any("no heatmap" in w for w in on["warnings"])
     assert abs(on["bone_age_months"] - pt["bone_age_months"]) <= 0.1 and on["z_score"] is not None
-    assert (tmp_path / "o" / "hand.html").is_file() and "Grad-CAM" in capsys.readouterr().err
+    assert report_of(tmp_path / "o", "hand.png", ".html").is_file() and "Grad-CAM" in capsys.readouterr().err
 
 
 def test_onnx_runtime_needs_no_torch(exported, tmp_path):
@@ -110,7 +111,7 @@ def test_onnx_runtime_needs_no_torch(exported, tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "out" / "hand.json").read_text())["bone_age_months"] > 0
+    assert json.loads(report_of(tmp_path / "out", "hand.png").read_text())["bone_age_months"] > 0
 
 
 def test_bad_onnx_files(tmp_path):

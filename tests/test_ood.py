@@ -4,6 +4,8 @@
 import json
 from dataclasses import asdict
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,8 @@ from benchmarks.nonhand import nonhand_images
 from boneage.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from boneage.cli import main
 from boneage.errors import OutOfDistributionError
-from boneage.inference.batch import predict_array, predict_file
+from boneage.inference.batch import predict_file
+from boneage.inference.pipeline import predict_array
 from boneage.inference.ood import PERCENTILE, FeatureGate
 from boneage.inference.predictor import Predictor
 from boneage.models import create_model, list_models
@@ -133,9 +136,10 @@ def test_a_refused_file_is_its_own_error_and_the_batch_goes_on(narrow_checkpoint
     out = tmp_path / "out"
     rc = main(["predict", str(tmp_path / "hand.png"), str(tmp_path / "gradient.png"), str(tmp_path / "noise.png"),
                "--checkpoint", str(narrow_checkpoint), "--sex", "F", "--no-tta", "--no-heatmap", "--out", str(out)])
-    err = capsys.readouterr().err
-    assert rc == 1 and "2 of 3 file(s) failed" in err
-    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    captured = capsys.readouterr()
+    assert rc == 1 and "1 ok; 2 refused (out of distribution: 2)" in captured.out
+    assert len([line for line in captured.err.splitlines() if "error:" in line]) == 2
+    records = {Path(r["file"]).stem: r for r in map(json.loads, map(Path.read_text, out.rglob("*.json")))}
     assert records["hand"]["error"] is None and records["hand"]["ood_score"] <= 1
     for stem in ("gradient", "noise"):
         assert f"{stem}.png: does not look like a hand radiograph" in records[stem]["error"]
@@ -148,7 +152,7 @@ def test_a_refused_file_is_its_own_error_and_the_batch_goes_on(narrow_checkpoint
 def test_predict_file_records_the_refusal(narrow, tmp_path):
     path = save_png(tmp_path / "stripes.png", (np.indices((300, 300)).sum(0) // 20 % 2 * 255).astype(np.uint8))
     record = predict_file(narrow, path)
-    assert record["error"].startswith(f"{path}: does not look like a hand radiograph")
+    assert record["error"].startswith(f"{path.name}: does not look like a hand radiograph")
 
 
 def test_evaluate_counts_what_the_gate_would_refuse(narrow_checkpoint, tmp_path):

@@ -93,7 +93,8 @@ def test_predict_with_fp16_writes_reports_close_to_fp32(phantoms, tmp_path, caps
         out = tmp_path / precision
         assert run_predict(PredictOptions(paths=files, checkpoints=[str(checkpoint)], sex="F", out=str(out),
                                           tta=False, heatmap=False, device="cpu", precision=precision)) == 0
-        ages[precision] = [json.loads(p.read_text())["bone_age_months"] for p in sorted(out.glob("*.json"))]
+        ages[precision] = [json.loads(p.read_text())["bone_age_months"]
+                           for p in sorted(out.rglob("*.json"), key=lambda p: p.name)]
         label = "PyTorch on cpu" + (", fp16 autocast" if precision == "fp16" else "")
         assert f"({label})" in capsys.readouterr().out  # the run says how the model ran
     diff = np.abs(np.subtract(ages["fp16"], ages["fp32"]))  # reports round to 0.1 months

@@ -11,11 +11,12 @@ from PIL import Image
 from boneage.cli import main
 from boneage.clinical import interpret
 from boneage.config import PreprocessConfig
-from boneage.inference.batch import predict_array, predict_file
+from boneage.inference.batch import predict_file
+from boneage.inference.pipeline import predict_array
 from boneage.inference.ensemble import TTA_AFFINES, tta_views
 from boneage.inference.gradcam import heatmap_overlay, member_cam
 from boneage.inference.predictor import Predictor
-from boneage.preprocess import preprocess
+from boneage.preprocess import preprocess, preprocess_views
 from boneage.report import FIELDS
 from dicom_fixtures import LEAK_STRINGS, PATIENT_NAME, hand_pixels, make_dicom
 from helpers_predict import (  # noqa: F401  (checkpoints: a fixture)
@@ -147,7 +148,7 @@ def test_right_hand_dicom_is_mirrored_before_prediction(predictor, tmp_path):
 
 def test_invalid_sex_or_age_is_a_per_file_error(predictor, png):
     record = predict_file(predictor, png, sex="X")
-    assert record["bone_age_months"] is None and "invalid sex 'X'" in record["error"] and str(png) in record["error"]
+    assert record["bone_age_months"] is None and "invalid sex 'X'" in record["error"] and png.name in record["error"] and str(png) not in record["error"]
     record = predict_file(predictor, png, chronological_age="9y15m")
     assert "months must be below 12" in record["error"]
 
@@ -167,7 +168,8 @@ def test_gradcam_is_a_nontrivial_map(predictor):
     for male in (1.0, None):
         cam = member_cam(member, image, male, predictor.device)
         assert cam.shape == (SIZE, SIZE) and 0 <= cam.min() and cam.max() <= 1 and cam.std() > 0.01
-    overlay = heatmap_overlay(predictor, hand_image(), 0.0, display_size=200)
+    model_view, display_view = preprocess_views(hand_image(), member.config.preprocess, 200)
+    overlay = heatmap_overlay(predictor, model_view, display_view, 0.0)
     assert overlay.shape == (200, 200, 3) and overlay.dtype == np.uint8
     assert np.abs(overlay[..., 0].astype(int) - overlay[..., 2]).mean() > 5  # coloured, not gray
 
@@ -175,11 +177,13 @@ def test_gradcam_is_a_nontrivial_map(predictor):
 def test_reports_written(predictor, png, tmp_path):
     out = tmp_path / "out"
     record = predict_file(predictor, png, sex="M", chronological_age="10y", out_dir=out)
-    assert record["heatmap"] == "hand_heatmap.png"
-    assert json.loads((out / "hand.json").read_text()) == record
-    heat = Image.open(out / "hand_heatmap.png")
+    stem = out / record["report"]
+    assert record["report"].startswith("reports/") and stem.name.startswith("hand-")
+    assert record["heatmap"] == stem.name + "_heatmap.png"
+    assert json.loads(stem.with_name(stem.name + ".json").read_text()) == record
+    heat = Image.open(stem.with_name(record["heatmap"]))
     assert heat.mode == "RGB" and heat.size == (384, 384)
-    page = (out / "hand.html").read_text()
+    page = stem.with_name(stem.name + ".html").read_text()
     assert "Research use only \u2014 not a certified medical device" in page
     assert page.count('src="data:image/png;base64,') == 2 and "http" not in page.replace("http-equiv", "")
     assert record["bone_age_text"] in page and record["category"] in page
@@ -208,18 +212,21 @@ def test_batch_goes_on_past_a_corrupt_file(checkpoints, tmp_path, capsys):  # no
     rc, stdout, stderr = _run(capsys, folder, "--checkpoint", checkpoints["a"], "--checkpoint", checkpoints["b"],
                               "--sex", "F", "--chronological-age", "9y3m", "--no-tta", "--out", out)
     assert rc == 1
-    for stem in ("good0", "good1"):
-        assert {f"{stem}.json", f"{stem}.html", f"{stem}_heatmap.png"} <= {p.name for p in out.iterdir()}
-        assert json.loads((out / f"{stem}.json").read_text())["models"] == ["a.pt", "b.pt"]
-    bad = json.loads((out / "corrupt.json").read_text())
-    assert "truncated" in bad["error"] and bad["bone_age_months"] is None and not (out / "corrupt.html").exists()
-    error_lines = [line for line in stderr.splitlines() if "error" in line]
-    assert len(error_lines) == 1 and "corrupt.png" in error_lines[0] and "1 of 3 file(s) failed" in stderr
-    assert "good0.png" in stdout and "good1.png" in stdout and "error: " in stdout and "MAE 10.0 months" in stdout
     with (out / "predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [r["file"].rsplit("/", 1)[-1] for r in rows] == ["corrupt.png", "good0.png", "good1.png"]
+    assert [r["file"] for r in rows] == ["corrupt.png", "good0.png", "good1.png"]
     assert rows[1]["z_score"] and rows[1]["category"] and rows[0]["error"]
+    for row in rows[1:]:
+        stem = out / row["report"]
+        names = {p.name for p in stem.parent.iterdir() if p.name.startswith(stem.name)}
+        assert {f"{stem.name}.json", f"{stem.name}.html", f"{stem.name}_heatmap.png"} <= names
+        assert json.loads((out / (row["report"] + ".json")).read_text())["models"] == ["a.pt", "b.pt"]
+    bad = json.loads((out / (rows[0]["report"] + ".json")).read_text())
+    assert "truncated" in bad["error"] and bad["bone_age_months"] is None
+    assert not (out / (rows[0]["report"] + ".html")).exists()
+    error_lines = [line for line in stderr.splitlines() if "error" in line]
+    assert len(error_lines) == 1 and "corrupt.png" in error_lines[0] and "2 ok; 1 failed (unreadable: 1)" in stdout
+    assert "good0.png" in stdout and "good1.png" in stdout and "error: " in stdout and "MAE 10.0 months" in stdout
 
 
 def test_every_kind_of_bad_input_gets_its_own_error(checkpoints, tmp_path, capsys):  # noqa: F811
@@ -230,7 +237,8 @@ def test_every_kind_of_bad_input_gets_its_own_error(checkpoints, tmp_path, capsy
     rc, stdout, stderr = _run(capsys, *[tmp_path / n for n in reasons], "--checkpoint", checkpoints["a"],
                               "--no-heatmap", "--out", tmp_path / "out")
     assert rc == 1
-    records = {Path(r["file"]).name: r for r in map(json.loads, map(Path.read_text, (tmp_path / "out").glob("*.json")))}
+    records = {Path(r["file"]).name: r for r in map(json.loads, map(Path.read_text,
+                                                                    (tmp_path / "out").rglob("*.json")))}
     assert set(records) == set(reasons)
     for name, reason in reasons.items():
         error = records[name]["error"]
@@ -258,7 +266,9 @@ def test_same_stems_do_not_overwrite(checkpoints, tmp_path, capsys):  # noqa: F8
         save_png(tmp_path / sub / "hand.png", hand_image())
     rc, _, _ = _run(capsys, tmp_path / "x" / "hand.png", tmp_path / "y" / "hand.png", "--checkpoint",
                     checkpoints["a"], "--no-heatmap", "--no-tta", "--out", tmp_path / "out")
-    assert rc == 0 and (tmp_path / "out" / "hand.json").exists() and (tmp_path / "out" / "hand-2.json").exists()
+    rows = list(csv.DictReader((tmp_path / "out" / "predictions.csv").open()))
+    assert rc == 0 and [r["file"] for r in rows] == ["x/hand.png", "y/hand.png"]  # keys prefixed by their input
+    assert len({r["report"] for r in rows}) == 2 and len(list((tmp_path / "out").rglob("hand-*.json"))) == 2
 
 
 def test_dicom_identifiers_never_leak(checkpoints, tmp_path, capsys):  # noqa: F811
@@ -271,13 +281,14 @@ def test_dicom_identifiers_never_leak(checkpoints, tmp_path, capsys):  # noqa: F
     rc, stdout, stderr = _run(capsys, folder, "--checkpoint", checkpoints["a"], "--no-tta", "--out", out)
     assert rc == 1  # the DICOM without pixel data
     assert grep_outputs(out, *LEAK_STRINGS, also=stdout + stderr) == []
-    records = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    records = {Path(r["file"]).stem: r for r in map(json.loads, map(Path.read_text, out.rglob("*.json")))}
     assert records["mono1_right"]["sex_source"] == "dicom" and records["mono1_right"]["mirrored"]
     assert records["plain16"]["chronological_age_source"] == "dicom"  # from birth and study dates
 
     kept = tmp_path / "kept"
     rc, stdout, _ = _run(capsys, folder / "plain16.dcm", "--checkpoint", checkpoints["a"], "--no-tta",
                          "--no-heatmap", "--keep-identifiers", "--out", kept)
-    assert rc == 0 and json.loads((kept / "plain16.json").read_text())["identifiers"]["PatientName"] == PATIENT_NAME
-    assert PATIENT_NAME in (kept / "plain16.html").read_text()
+    (report,) = kept.rglob("*.json")
+    assert rc == 0 and json.loads(report.read_text())["identifiers"]["PatientName"] == PATIENT_NAME
+    assert PATIENT_NAME in report.with_suffix(".html").read_text()
     assert PATIENT_NAME in (kept / "predictions.csv").read_text()

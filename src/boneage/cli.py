@@ -145,7 +145,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from boneage.inference.batch import PredictOptions, run_predict
 
+    _logging(args.quiet, args.verbose)
     return run_predict(_options(PredictOptions, args, checkpoints=args.checkpoint))
+
+
+def _logging(quiet: bool, verbose: bool) -> None:
+    """Messages of ``boneage.*`` loggers on stderr: warnings and progress by default, errors only with
+    ``--quiet``, everything with ``--verbose``."""
+    import logging
+
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("boneage %(name)s: %(levelname)s: %(message)s" if verbose
+                                           else "%(name)s: %(message)s"))
+    root = logging.getLogger("boneage")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -251,7 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with its unit: 9y3m, 9.25y or 111m (a bare number is refused), for the z-score and "
                         "category (default: from the DICOM header; else bone age only)")
     p.add_argument("--out", type=out_folder, metavar="DIR",
-                   help="folder for JSON/HTML/heatmap/CSV reports (default: console table only)")
+                   help="folder for the table (predictions.csv, appended batch by batch: rerun the same command "
+                        "to resume) and the reports (default: console table only)")
+    p.add_argument("--recursive", "-r", action="store_true", help="look into subfolders too")
+    p.add_argument("--table", choices=["csv", "parquet"], default="csv",
+                   help="table format in --out: predictions.csv, or predictions.parquet (pyarrow)")
+    p.add_argument("--reports", choices=["none", "json", "html", "all"], default="all",
+                   help="per-file reports in OUT/reports/: none (the table only: archives), json, html (page + "
+                        "heatmap), all (default)")
     p.add_argument("--tta", dest="tta", action="store_true", default=True,
                    help="test-time augmentation (default: on)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="switch test-time augmentation off")
@@ -263,14 +286,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--right-hand", action="store_true", help="images show a right hand: mirror them")
     p.add_argument("--no-ood-check", dest="ood_check", action="store_false", default=True,
                    help="analyse images that the model's out-of-distribution check refuses (with a warning)")
+    p.add_argument("--no-header-check", dest="header_check", action="store_false", default=True,
+                   help="analyse DICOMs whose Modality or BodyPartExamined say they are no hand radiograph")
     p.add_argument("--batch-size", type=int_in(1, 4096), default=16, metavar="N",
                    help="images per model call (default 16)")
-    p.add_argument("--workers", type=int_in(0, 64), default=0, metavar="W",
-                   help="processes that decode and preprocess files (default 0: in this process)")
+    p.add_argument("--workers", type=int_in(-1, 64), default=-1, metavar="W",
+                   help="processes that decode and preprocess files while the model runs (default -1: one per "
+                        "CPU beside the model's, at most 4; 0: in this process)")
     _add_device_arg(p)
-    p.add_argument("--keep-identifiers", action="store_true", help="copy DICOM patient identifiers into reports")
+    p.add_argument("--keep-identifiers", action="store_true",
+                   help="copy DICOM patient identifiers, the SOP Instance UID and absolute paths into reports and "
+                        "the table (default: none of them; DICOM rows carry a keyed pseudonym instead)")
+    p.add_argument("--pseudonym-key", metavar="FILE",
+                   help="the site's secret key for pseudonyms (default: $BONEAGE_PSEUDONYM_KEY, else "
+                        "~/.config/boneage/pseudonym.key, made on first use)")
     p.add_argument("--runtime", choices=["torch", "onnx"], default="torch", help="torch, or an ONNX file via "
                    "ONNX Runtime (give the .onnx as --checkpoint)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local worker processes, or Ray Data across a cluster (pip install 'boneage[distributed]')")
+    p.add_argument("--ray-address", metavar="ADDRESS",
+                   help="the Ray cluster (e.g. ray://head:10001 or auto; default: a local Ray started for the run)")
+    p.add_argument("--quiet", "-q", action="store_true", help="only errors (no progress, no per-file warnings)")
+    p.add_argument("--verbose", "-v", action="store_true", help="also every skipped file and debug details")
     p.set_defaults(func=cmd_predict)
 
     p = command("export", "export a checkpoint to ONNX")

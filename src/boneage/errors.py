@@ -37,3 +37,17 @@ class TrainingDiverged(BoneAgeError):
 
 class OutOfDistributionError(UnusableImageError):
     """The model's features put the image far from every training radiograph (``boneage.inference.ood``)."""
+
+
+class HeaderRefusedError(BoneAgeError):
+    """A DICOM header says the file is not a hand radiograph (``boneage.inference.header_check``).
+
+    ``reason`` is a short category for counting, e.g. "header: modality CT", "header: body part CHEST".
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:  # picklable (worker processes) with its reason
+        return type(self), (str(self), self.reason)

@@ -26,13 +26,14 @@ from boneage.errors import BoneAgeError, ImageReadError
 
 DECODE_MAX_SIDE = 2048  # JPEGs larger than this are decoded at reduced size (every model input is <= 512 px)
 MAX_PIXELS = 36_000_000  # 6000 x 6000: twice the largest hand-radiograph detector (43 cm at 0.1 mm); bombs beyond
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")  # analysed whatever their content
 DICOM_IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
 
 
 @dataclass
 class ImageMeta:
-    """What decoding learned about a file. Identifiers stay empty unless asked for."""
+    """What decoding learned about a file. ``identifiers`` stay empty unless asked for; ``instance_uid`` is
+    always read (to pseudonymise it) and must never be written as it is unless identifiers are kept."""
 
     path: str
     format: str  # png | jpeg | dicom
@@ -46,6 +47,11 @@ class ImageMeta:
     mirrored: bool = False  # a right hand was flipped to a left hand
     identifiers: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # header values that were present but not understood
+    modality: str = ""  # DICOM Modality, upper-cased ("DX", "CR"...); not an identifier
+    body_part: str = ""  # DICOM BodyPartExamined, upper-cased ("HAND"...); not an identifier
+    # DICOM SOPInstanceUID: an identifier (it finds the study in the PACS). Never write it anywhere except
+    # pseudonymised, or as given when the user asked for keep_identifiers.
+    instance_uid: str = ""
 
 
 def _sniff(path: Path, head: bytes) -> str:
@@ -206,6 +212,7 @@ def _read_dicom(path: Path, keep_identifiers: bool, max_pixels: int) -> tuple[np
         try:
             raw, colour, sex, age, laterality, inverse, identifiers, bits, notes = _dicom_header_and_pixels(
                 path, ds, keep_identifiers, max_pixels)
+            labels = [_header_text(ds, k) for k in ("Modality", "BodyPartExamined", "SOPInstanceUID")]
         except ImageReadError:
             raise
         except Exception as exc:  # any other pydicom / LUT failure on a malformed header: this file's error
@@ -224,7 +231,18 @@ def _read_dicom(path: Path, keep_identifiers: bool, max_pixels: int) -> tuple[np
         str(path), "dicom", bits, array.shape[0], array.shape[1], 3 if colour else 1,
         colour, sex, age, laterality == "R", identifiers, notes,
     )
+    meta.modality, meta.body_part, meta.instance_uid = labels[0].upper(), labels[1].upper(), labels[2]
     return array, meta
+
+
+def _header_text(ds: Any, keyword: str) -> str:
+    """A text attribute, stripped ('' if absent); a multi-valued one joined with '\\' as DICOM writes it."""
+    value = ds.get(keyword, None)
+    if value is None:
+        return ""
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
+        return "\\".join(str(v).strip() for v in value).strip()
+    return str(value).strip()
 
 
 def _dicom_age(path: Path, ds: Any) -> tuple[float | None, list[str]]:
@@ -308,30 +326,15 @@ def _dicom_pixels(path: Path, ds: Any) -> tuple[np.ndarray, float]:
     return apply_voi_lut(apply_modality_lut(raw, ds), ds), 0.0
 
 
-def _is_dicom_without_suffix(path: Path) -> bool:
-    """PACS exports often have no extension: recognise them by the 'DICM' magic."""
-    if path.suffix:
-        return False
-    with path.open("rb") as fh:
-        return fh.read(132)[128:132] == b"DICM"
-
-
 def list_images(inputs: list[str | Path]) -> list[Path]:
-    """Expand files, folders and globs into a list of image paths.
+    """Expand files, folders (not their subfolders) and globs into a list of image paths.
 
-    Folders give their files with a known suffix (and suffix-less DICOM files), sorted. A missing
-    file, or a glob that matches nothing, is kept as given so ``read_image`` reports it per file.
+    A list of ``boneage.inference.sources.open_sources(inputs)``'s items, so the same rules apply: folders give
+    their PNG, JPEG and DICOM files (by content, whatever the name; files named like an image too), sorted by
+    name up to ``SORT_LIMIT`` files; a DICOMDIR's images; a missing file, or a glob that matches nothing, is
+    kept as given so ``read_image`` reports it per file. What ``open_sources`` skips is left out silently:
+    use it instead to stream a large archive and to report the skipped files.
     """
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if any(ch in str(item) for ch in "*?["):
-            root, pattern = (Path(p.anchor), str(p.relative_to(p.anchor))) if p.is_absolute() else (Path(), str(p))
-            matches = sorted(x for x in root.glob(pattern) if x.is_file())
-            found.extend(matches or [p])
-        elif p.is_dir():
-            found.extend(sorted(x for x in p.iterdir() if x.is_file() and (
-                x.suffix.lower() in IMAGE_SUFFIXES or _is_dicom_without_suffix(x))))
-        else:
-            found.append(p)
-    return found
+    from boneage.inference.sources import SourceItem, open_sources  # sources imports this module
+
+    return [item.path for item in open_sources(inputs) if isinstance(item, SourceItem) and item.path is not None]

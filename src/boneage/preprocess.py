@@ -14,6 +14,9 @@ import numpy as np
 
 from boneage.config import PreprocessConfig
 
+PIXEL_MEAN = 0.5  # every model input is (pixel / 255 - PIXEL_MEAN) / PIXEL_STD: training's eval transform
+PIXEL_STD = 0.25  # (boneage.transforms, albumentations) and inference (``normalise``, numpy) alike
+
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
     """Map any grayscale array to uint8; 16-bit and float data use the 0.5-99.5 percentile window."""
@@ -74,6 +77,18 @@ def letterbox(image: np.ndarray, size: int) -> np.ndarray:
 
 def preprocess(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """Decoded radiograph -> the uint8 (size, size) array a model sees (before augmentation)."""
+    return letterbox(_cut(image, cfg), cfg.size)
+
+
+def preprocess_views(image: np.ndarray, cfg: PreprocessConfig, display_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """``preprocess`` and, from the same crop box and contrast step, the view at ``display_size`` px that a heatmap
+    is drawn over: one hand detection for both (the same pixels as ``preprocess`` at that size)."""
+    cut = _cut(image, cfg)
+    return letterbox(cut, cfg.size), letterbox(cut, display_size)
+
+
+def _cut(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """8-bit, cropped to the hand and contrast-equalised as ``cfg`` says; not yet resized."""
     gray = to_uint8(image)
     if cfg.crop_hand:
         y0, y1, x0, x1 = hand_bbox(gray)
@@ -81,4 +96,12 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     if cfg.clahe:
         clahe = cv2.createCLAHE(clipLimit=cfg.clahe_clip_limit, tileGridSize=(cfg.clahe_tile, cfg.clahe_tile))
         gray = clahe.apply(np.ascontiguousarray(gray))
-    return letterbox(gray, cfg.size)
+    return gray
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """Preprocessed uint8 images [N, S, S] -> the float32 model input [N, 1, S, S]: the eval transform's
+    ``Normalize`` (``boneage.transforms``) in numpy, so inference (ONNX Runtime) needs neither albumentations nor
+    torch; a test holds the two equal."""
+    x = np.asarray(images, dtype=np.float32)
+    return ((x - np.float32(PIXEL_MEAN * 255.0)) * np.float32(1.0 / (PIXEL_STD * 255.0)))[:, None]

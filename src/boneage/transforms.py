@@ -14,12 +14,11 @@ import numpy as np
 
 from boneage.config import AugmentConfig
 from boneage.errors import ConfigError
+from boneage.preprocess import PIXEL_MEAN, PIXEL_STD
 
 if TYPE_CHECKING:
     import torch
 
-PIXEL_MEAN = 0.5
-PIXEL_STD = 0.25
 LEVELS = ("none", "paper", "light", "strong")
 
 

@@ -1,16 +1,13 @@
-"""One image through the model: ``prepare`` (quality gate, sex and age, the one preprocessing path), ``run_models``
-(a batch of prepared images through the ensemble and the out-of-distribution gate) and ``finish`` (the estimate,
-interval, interpretation, heatmap: the JSON record). ``predict_array`` chains them for one image; the batched path
-(``boneage.inference.stream``) runs the same steps on many. Nothing here imports torch unless Grad-CAM is drawn.
+"""The record's two ends: ``prepare`` (quality gate, sex and age, the one preprocessing path) and ``finish`` (the
+estimate, interval, interpretation: the JSON record). ``boneage.inference.pipeline`` owns the order (prepare ->
+infer -> explain -> finish) for every caller. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import importlib.util
-
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence, cast
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -22,15 +19,13 @@ from boneage.inference.conformal import DEFAULT_LEVEL, METHOD
 from boneage.inference.ensemble import Ensemble
 from boneage.inference.ood import METHOD as OOD_METHOD
 from boneage.io import ImageMeta
-from boneage.preprocess import preprocess, to_uint8
+from boneage.preprocess import preprocess, preprocess_views, to_uint8
 from boneage.quality import check_usable
 from boneage.report import empty_record
 
-if TYPE_CHECKING:
-    from boneage.inference.predictor import Predictor
-
 ATLAS_MAX_MONTHS = 228.0  # the last standard of the Greulich & Pyle atlas (19 years, boys)
 RADIOGRAPH_MAX_SIDE = 768  # the radiograph embedded in the HTML report
+CAM_VIEW_SIZE = 384  # the preprocessed view a heatmap is drawn over
 _MALE = {"M": 1.0, "F": 0.0}
 
 
@@ -39,7 +34,7 @@ class Analysis:
     """One analysed image: the JSON record and the pictures for the reports."""
 
     record: dict[str, Any]
-    radiograph: np.ndarray  # uint8 [H, W] as analysed (mirrored if it was a right hand), long side <= 768
+    radiograph: np.ndarray | None  # uint8 [H, W] as analysed (mirrored for a right hand), long side <= 768
     heatmap: np.ndarray | None  # RGB uint8 Grad-CAM overlay, or None
 
 
@@ -73,8 +68,8 @@ class Pending:
     ca: float | None
     ca_source: str | None
     by_config: dict[int, np.ndarray]  # preprocess_configs index -> uint8 [1, S, S]
-    display: np.ndarray
-    image: np.ndarray | None  # the decoded image, kept only for Grad-CAM
+    display: np.ndarray | None  # the radiograph for the HTML report (None when no report shows it)
+    cam_view: np.ndarray | None  # config 0's crop at CAM_VIEW_SIZE, for Grad-CAM (None without a heatmap)
 
     @property
     def male(self) -> float | None:
@@ -83,9 +78,10 @@ class Pending:
 
 def prepare(configs: Sequence[Any], image: np.ndarray, meta: ImageMeta | None = None, *,
             sex: str | None = None, chronological_age: str | float | None = None,
-            keep_image: bool = True) -> Pending:
+            display: bool = True, cam_view: bool = False) -> Pending:
     """Everything before the model, for the preprocessing ``configs`` of an ensemble: the quality gate, the sex
-    and age (the request's, else the DICOM header's) and the one preprocessing path. Raises ``BoneAgeError``."""
+    and age (the request's, else the DICOM header's) and the one preprocessing path, once per config (with
+    ``cam_view``, config 0 also at the heatmap's size from the same crop). Raises ``BoneAgeError``."""
     if meta is None:
         meta = ImageMeta("<array>", "array", 16 if image.dtype == np.uint16 else 8, *image.shape[:2])
     check_usable(image, meta)
@@ -108,51 +104,20 @@ def prepare(configs: Sequence[Any], image: np.ndarray, meta: ImageMeta | None = 
                          "months: ignored")
     if meta.mirrored:
         notes.append("right hand: the image was mirrored to a left hand before analysis")
-    by_config = {i: preprocess(image, cfg)[None] for i, cfg in enumerate(configs)}
-    return Pending(meta, record, sex_code, ca, ca_source, by_config, _display(image), image if keep_image else None)
-
-
-def run_models(predictor: Ensemble, items: Sequence[Pending]) -> list[tuple[float, float | None, float | None]]:
-    """The model on a batch of prepared images: per image (months, months if female or None, OOD score or None).
-
-    With the sex unknown (and a model that takes it) the first value is the estimate as male, the second as
-    female; otherwise the second is None."""
-    if not items:
-        return []
-    stacked = {i: np.concatenate([it.by_config[i] for it in items]) for i in items[0].by_config}
-    scores = predictor.ood_scores(stacked)
-    sex_input = any(m.config.model.sex_input for m in predictor.members)
-    unknown = [k for k, it in enumerate(items) if it.male is None and sex_input]
-    male = np.array([1.0 if it.male is None and sex_input else (np.nan if it.male is None else it.male)
-                     for it in items], np.float32)
-    first = predictor.predict_preprocessed(stacked, male)
-    second = np.full(len(items), np.nan)
-    if unknown:
-        subset = {i: x[unknown] for i, x in stacked.items()}
-        second[unknown] = predictor.predict_preprocessed(subset, np.zeros(len(unknown), np.float32))
-    return [(float(first[k]), None if np.isnan(second[k]) else float(second[k]),
-             None if scores is None else float(scores[k])) for k in range(len(items))]
-
-
-def predict_array(predictor: Ensemble, image: np.ndarray, meta: ImageMeta | None = None, *,
-                  sex: str | None = None, chronological_age: str | float | None = None,
-                  heatmap: bool = True, interval_level: float = DEFAULT_LEVEL, ood_check: bool = True) -> Analysis:
-    """Analyse a decoded radiograph (``read_image`` output, or any 2-D uint8/uint16 array).
-
-    ``sex``/``chronological_age`` override the DICOM header in ``meta``. Raises ``BoneAgeError``
-    (``UnusableImageError``, ``OutOfDistributionError`` unless ``ood_check`` is off, invalid sex/age);
-    the heatmap needs the PyTorch runtime. ``prepare`` -> ``run_models`` -> ``finish`` on a batch of one:
-    the batched path (``boneage.inference.stream``) runs the same three steps on many images.
-    """
-    pending = prepare(predictor.preprocess_configs, image, meta, sex=sex, chronological_age=chronological_age,
-                      keep_image=heatmap)
-    return finish(predictor, pending, run_models(predictor, [pending])[0], heatmap=heatmap,
-                  interval_level=interval_level, ood_check=ood_check)
+    by_config: dict[int, np.ndarray] = {}
+    view = None
+    for i, cfg in enumerate(configs):
+        if i == 0 and cam_view:
+            model_view, view = preprocess_views(image, cfg, CAM_VIEW_SIZE)
+        else:
+            model_view = preprocess(image, cfg)
+        by_config[i] = model_view[None]
+    return Pending(meta, record, sex_code, ca, ca_source, by_config, _display(image) if display else None, view)
 
 
 def finish(predictor: Ensemble, pending: Pending, outputs: tuple[float, float | None, float | None], *,
-           heatmap: bool = True, interval_level: float = DEFAULT_LEVEL, ood_check: bool = True) -> Analysis:
-    """Everything after the model: the OOD decision, the estimate, interval, interpretation and heatmap."""
+           interval_level: float = DEFAULT_LEVEL, ood_check: bool = True) -> dict[str, Any]:
+    """Everything after the model: the OOD decision, the estimate, interval and interpretation -> the record."""
     record, meta, ca, sex_code = pending.record, pending.meta, pending.ca, pending.sex_code
     notes: list[str] = record["warnings"]
     first, as_female, score = outputs
@@ -180,6 +145,7 @@ def finish(predictor: Ensemble, pending: Pending, outputs: tuple[float, float | 
     record.update(_range_fields(result, record["bone_age_interval_months"], record["interval_level"],
                                 predictor.mae_months, notes))
     record.update(
+        status="ok",
         bone_age_months=round(bone_age, 1), bone_age_text=format_age(bone_age),
         chronological_age_months=_round(ca, 1), chronological_age_text=None if ca is None else format_age(ca),
         chronological_age_source=pending.ca_source, sex=sex_code,
@@ -187,26 +153,8 @@ def finish(predictor: Ensemble, pending: Pending, outputs: tuple[float, float | 
         z_score=_round(result.z_score, 2), category=result.category, category_reason=result.reason,
         summary=result.summary, mirrored=meta.mirrored,
         image={"format": meta.format, "width": meta.width, "height": meta.height, "bit_depth": meta.bit_depth},
-        identifiers=meta.identifiers or None,
     )
-    overlay = None
-    if heatmap and predictor.runtime == "torch" and pending.image is not None and not gradcam_available():
-        notes.append(f"no heatmap: {GRADCAM_MISSING}")
-    elif heatmap and predictor.runtime == "torch" and pending.image is not None:
-        from boneage.inference.gradcam import heatmap_overlay
-
-        overlay = heatmap_overlay(cast("Predictor", predictor), pending.image, pending.male)
-    elif heatmap:
-        notes.append("no heatmap: Grad-CAM needs the PyTorch runtime")
-    return Analysis(record, pending.display, overlay)
-
-
-GRADCAM_MISSING = "the grad-cam package is not installed (pip install 'boneage[gradcam]')"
-
-
-def gradcam_available() -> bool:
-    """Whether the optional ``grad-cam`` package (the ``[gradcam]`` extra) can be imported."""
-    return importlib.util.find_spec("pytorch_grad_cam") is not None
+    return record
 
 
 def _ood_fields(predictor: Ensemble, score: float | None, where: str, check: bool,

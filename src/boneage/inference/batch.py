@@ -1,33 +1,42 @@
-"""``boneage predict``: radiographs -> bone age, clinical interpretation, heatmap and reports.
+"""``boneage predict``: radiographs -> bone age, clinical interpretation, heatmap and reports, for one file or a
+hospital archive of a million.
 
-``predict_array`` (``boneage.inference.analysis``) analyses one decoded image in memory (the web server's entry point);
-``predict_file`` reads a file, analyses it, writes its reports and never raises for a bad
-file: the returned record (schema: ``boneage/report/SCHEMA.md``) has ``error`` set instead.
-``run_predict`` is the command: a batch goes on past bad files and exits 1 if any failed.
-Nothing here imports torch unless the PyTorch runtime (or Grad-CAM) is used.
+A thin adapter over the analysis pipeline (``boneage.inference.pipeline``): inputs come from sources (folders, with
+``--recursive``; files; globs; DICOMDIRs), go through an engine (local worker processes, or Ray), and the records
+go to writers: the table (``predictions.csv`` or ``.parquet``, appended batch by batch, so a rerun of the same command
+resumes where a killed one stopped) and the reports (``--reports``). Every input ends as one row, analysed or not:
+nothing is skipped without being counted. Nothing here imports torch unless the PyTorch runtime is used.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
+import logging
+import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from boneage.atomic import remove_partial_files
-from boneage.errors import BoneAgeError, CheckpointError, about_file
-from boneage.inference.analysis import (GRADCAM_MISSING, Analysis, _certainty, _model_fields,  # noqa: F401
-                                        gradcam_available, parse_request, predict_array)  # (re-exported)
+from boneage.errors import BoneAgeError, CheckpointError
+from boneage.inference.analysis import Analysis
 from boneage.inference.conformal import DEFAULT_LEVEL
 from boneage.inference.ensemble import Ensemble
-from boneage.io import list_images, read_image
-from boneage.report import empty_record, format_table, write_csv, write_html, write_json, write_png
-from boneage.report.schema import printable
+from boneage.inference.pipeline import (GRADCAM_MISSING, AnalysisOptions, Pipeline, cpu_count, gradcam_available,
+                                        prepare_item, row_key)
+from boneage.inference.sources import SourceItem, Skipped, open_sources
+from boneage.io import DICOM_IDENTIFIERS
+from boneage.report import format_table
+from boneage.report.fields import CSV_COLUMNS
+from boneage.report.writers import report_stem, report_writers
+
+log = logging.getLogger("boneage.predict")
+ID_COLUMNS = (*DICOM_IDENTIFIERS, "SOPInstanceUID", "path")  # table columns with --keep-identifiers only
+TABLE_ROWS = 20  # the console table shows at most this many rows; the rest are in the table file
+PROGRESS_EVERY_S = 30.0
 
 
 def load_predictor(checkpoints: Sequence[str | Path], *, runtime: str = "torch", tta: bool = True,
-                   device: str = "auto", precision: str = "fp32") -> Ensemble:
+                   device: str = "auto", precision: str = "fp32", threads: int | None = None) -> Ensemble:
     """``Predictor`` (PyTorch checkpoints) or ``OnnxPredictor`` (``boneage export`` files) on ``device``
     (``boneage.device``: auto = a CUDA GPU when there is one), PyTorch models in ``precision`` (autocast)."""
     from boneage.device import check_precision, resolve_device
@@ -36,7 +45,7 @@ def load_predictor(checkpoints: Sequence[str | Path], *, runtime: str = "torch",
     if runtime == "onnx":
         from boneage.inference.onnx import OnnxPredictor
 
-        return OnnxPredictor(checkpoints, tta=tta, device=device)
+        return OnnxPredictor(checkpoints, tta=tta, device=device, threads=threads)
     if runtime != "torch":
         raise BoneAgeError(f"unknown runtime {runtime!r}: use torch or onnx")
     onnx_files = [str(c) for c in checkpoints if str(c).lower().endswith(".onnx")]
@@ -45,59 +54,6 @@ def load_predictor(checkpoints: Sequence[str | Path], *, runtime: str = "torch",
     from boneage.inference.predictor import Predictor
 
     return Predictor(checkpoints, tta=tta, device=resolve_device(device), precision=precision)
-
-
-def error_record(predictor: Ensemble, file: str | Path, message: str) -> dict[str, Any]:
-    """The record of a file that could not be analysed."""
-    record = empty_record(str(file))
-    record.update(_model_fields(predictor), error=" ".join(printable(message).split()))
-    return record
-
-
-def write_outputs(record: dict[str, Any], analysis: Analysis | None, out_dir: str | Path, stem: str) -> None:
-    """``<stem>.json`` always; ``<stem>.html`` and ``<stem>_heatmap.png`` for an analysed image."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if analysis is not None and analysis.heatmap is not None:
-        record["heatmap"] = write_png(analysis.heatmap, out_dir / f"{stem}_heatmap.png").name
-    write_json(record, out_dir / f"{stem}.json")
-    if analysis is not None:
-        write_html(record, out_dir / f"{stem}.html", analysis.radiograph, analysis.heatmap)
-
-
-def predict_file(predictor: Ensemble, path: str | Path, *, sex: str | None = None,
-                 chronological_age: str | float | None = None, right_hand: bool | None = None,
-                 keep_identifiers: bool = False, heatmap: bool = True, out_dir: str | Path | None = None,
-                 stem: str | None = None, interval_level: float = DEFAULT_LEVEL, ood_check: bool = True
-                 ) -> dict[str, Any]:
-    """Read, check and analyse one file; write its reports to ``out_dir`` (if given); return the record.
-
-    A bad file (unreadable, unusable, invalid sex/age) gives a record with ``error`` set, not an
-    exception. ``right_hand=None`` lets DICOM laterality decide; a heatmap is drawn only with ``out_dir``.
-    """
-    analysis = None
-    try:
-        image, meta = read_image(path, right_hand=right_hand, keep_identifiers=keep_identifiers)
-        analysis = predict_array(predictor, image, meta, sex=sex, chronological_age=chronological_age,
-                                 heatmap=heatmap and out_dir is not None, interval_level=interval_level,
-                                 ood_check=ood_check)
-        record = analysis.record
-    except BoneAgeError as exc:
-        record = error_record(predictor, path, about_file(path, exc))
-    if out_dir is not None:
-        write_outputs(record, analysis, out_dir, stem or Path(path).stem)
-    return record
-
-
-def unique_stems(paths: Sequence[Path]) -> list[str]:
-    """Report names: the file stems, with -2, -3... added to repeats."""
-    seen: Counter[str] = Counter()
-    stems = []
-    for p in paths:
-        stem = printable(p.stem)
-        seen[stem] += 1
-        stems.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
-    return stems
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,113 +70,280 @@ class PredictOptions:
     interval_level: float = DEFAULT_LEVEL
     right_hand: bool = False
     ood_check: bool = True
+    header_check: bool = True  # refuse DICOMs whose Modality / BodyPartExamined say they are no hand radiograph
+    recursive: bool = False
+    table: str = "csv"  # or "parquet"
+    reports: str = "all"  # none | json | html | all
     batch_size: int = 16
-    workers: int = 0  # processes that decode and prepare files; 0 = in this process
+    workers: int = -1  # processes that decode and prepare files; 0 = in this process; -1 = one per spare CPU
     device: str = "auto"
     precision: str = "fp32"  # fp16 / bf16: autocast (PyTorch checkpoints only)
     keep_identifiers: bool = False
+    pseudonym_key: str | None = None  # the site key file (boneage.privacy); None: the default one
     runtime: str = "torch"  # or "onnx"
+    engine: str = "local"  # or "ray"
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         if self.runtime not in ("torch", "onnx"):
             raise BoneAgeError(f"runtime must be torch or onnx, not {self.runtime!r}")
-        if self.batch_size < 1 or self.workers < 0:
+        if self.batch_size < 1 or self.workers < -1:
             raise BoneAgeError(f"batch_size must be >= 1 and workers >= 0, not {self.batch_size} / {self.workers}")
+        if self.table not in ("csv", "parquet"):
+            raise BoneAgeError(f"--table must be csv or parquet, not {self.table!r}")
+        if self.reports not in ("none", "json", "html", "all"):
+            raise BoneAgeError(f"--reports must be none, json, html or all, not {self.reports!r}")
+        if self.engine not in ("local", "ray"):
+            raise BoneAgeError(f"--engine must be local or ray, not {self.engine!r}")
+
+    def analysis_options(self, key: bytes) -> AnalysisOptions:
+        writes = self.out is not None and self.reports != "none"
+        return AnalysisOptions.from_request(
+            self.sex, self.chronological_age, right_hand=True if self.right_hand else None,
+            keep_identifiers=self.keep_identifiers, heatmap=bool(self.heatmap and writes and self.reports != "json"),
+            display=bool(writes and self.reports != "json"), interval_level=self.interval_level,
+            ood_check=self.ood_check, header_check=self.header_check, key=key)
+
+    def worker_count(self) -> int:
+        """``workers``, with -1 (auto) as one process per CPU left beside the model's (0 on one CPU)."""
+        return max(0, min(4, cpu_count() - 1)) if self.workers == -1 else self.workers
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """Create ``out`` and prove it is writable, before any model loads; ``BoneAgeError`` naming the reason."""
+    from boneage.atomic import remove_partial_files
+
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".boneage-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BoneAgeError(f"--out {out}: cannot write there ({exc.strerror or exc}); give a folder you can "
+                           "write to") from exc
+    remove_partial_files(path)  # temp files of writes killed in an earlier run
+    return path
+
+
+def skipped_record(skip: Skipped, options: AnalysisOptions) -> dict[str, Any]:
+    from boneage.report import empty_record
+
+    record = empty_record(row_key(skip.key, options))
+    record.update(status="skipped", reason=skip.reason, error=skip.detail.replace(skip.key, record["file"]))
+    return record
+
+
+class Run:
+    """What one ``predict`` run counts and shows: rows by status and reason, the console rows, progress."""
+
+    def __init__(self, label: str) -> None:
+        self.counts: Counter[str] = Counter()
+        self.reasons: Counter[tuple[str, str]] = Counter()
+        self.shown: list[dict[str, Any]] = []
+        self.more = 0
+        self.start = self.last = time.monotonic()
+        self.bar = _progress(label)
+
+    def add(self, record: dict[str, Any]) -> None:
+        status = record.get("status") or ("failed" if record.get("error") else "ok")
+        self.counts[status] += 1
+        if status != "ok":
+            self.reasons[(status, record.get("reason") or "other")] += 1
+        if status in ("failed", "refused"):
+            log.warning("error: %s", record["error"])
+        elif status == "skipped":
+            log.debug("skipped %s: %s", record["file"], record["error"])
+        if status != "skipped":
+            if len(self.shown) < TABLE_ROWS:
+                self.shown.append(record)
+            else:
+                self.more += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        elif time.monotonic() - self.last >= PROGRESS_EVERY_S:
+            self.last = time.monotonic()
+            done = sum(self.counts.values())
+            log.info("progress: %d rows (%s), %.1f files/s", done, self.summary(), done / (self.last - self.start))
+
+    def summary(self) -> str:
+        parts = []
+        for status in ("ok", "failed", "refused", "skipped", "resumed"):
+            n = self.counts[status]
+            if not n:
+                continue
+            why = sorted(((r, c) for (s, r), c in self.reasons.items() if s == status), key=lambda x: -x[1])
+            parts.append(f"{n} {status}" + (f" ({', '.join(f'{r}: {c}' for r, c in why)})" if why else ""))
+        return "; ".join(parts) or "nothing"
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run_predict(options: PredictOptions) -> int:
-    """The ``predict`` command: 0 if every file was analysed, 1 if any failed (``BoneAgeError``: bad arguments)."""
+    """The ``predict`` command: 0 if every input was analysed or skipped as no input, 1 if any failed or was
+    refused (``BoneAgeError``: bad arguments, before any model loads)."""
+    from boneage.privacy import load_key
+
     o = options
-    sex, ca = parse_request(o.sex, o.chronological_age)  # bad --sex / --chronological-age: before any work
-    paths = list_images(list(o.paths))
-    if not paths:
-        raise BoneAgeError(f"no images found in {' '.join(o.paths)} (PNG, JPEG or DICOM files, folders, globs)")
+    AnalysisOptions.from_request(o.sex, o.chronological_age)  # bad --sex / --chronological-age: before any work
+    out = check_out_dir(o.out) if o.out else None
+    key = load_key(o.pseudonym_key)
+    analysis_options = o.analysis_options(key)
+    table = None
+    if out is not None:
+        from boneage.report.writers import open_table
+
+        table = open_table(out, o.table, CSV_COLUMNS + (ID_COLUMNS if o.keep_identifiers else ()))
+    done = table.done() if table is not None else None
+    run = Run("boneage predict")
+    pending = _inputs(o, analysis_options, done, run, table)
+    first = next(pending, None)
+    if first is None:
+        run.close()
+        if table is not None:
+            table.close()
+        if run.counts["resumed"]:
+            print(f"boneage predict: nothing to do: {run.summary()} (all in {table.path if table else ''})")
+            return 0
+        raise BoneAgeError(f"no images found in {' '.join(o.paths)} (PNG, JPEG or DICOM files, folders, globs"
+                           f"{'' if o.recursive else '; add --recursive for subfolders'}): {run.summary()}")
+    writers = report_writers(o.reports) if out is not None else []
+    try:
+        model = _engine(o, analysis_options, _chain(first, pending))
+        label = next(model)
+        if o.heatmap and out is not None and o.reports in ("html", "all") and o.runtime != "torch":
+            log.warning("no Grad-CAM heatmaps with --runtime onnx (they need PyTorch)")
+        elif o.heatmap and out is not None and o.reports in ("html", "all") and not gradcam_available():
+            log.warning("no Grad-CAM heatmaps: %s", GRADCAM_MISSING)
+        for batch in model:
+            rows = []
+            for item, record, analysis in batch:
+                if out is not None and writers:
+                    _write_reports(out, writers, item, record, analysis, key)
+                rows.append(record)
+                run.add(record)
+            if table is not None:
+                table.append([_flat(r) for r in rows])
+    finally:
+        run.close()
+        if table is not None:
+            table.close()
+    if run.shown:
+        print(format_table(run.shown) + (f"\n... and {run.more} more rows in {table.path}" if run.more and table
+                                           else f"\n... and {run.more} more rows" if run.more else ""))
+    print(f"model: {label}; research use only, not a certified medical device")
+    rate = sum(run.counts[s] for s in ("ok", "failed", "refused")) / max(1e-9, time.monotonic() - run.start)
+    print(f"boneage predict: {run.summary()} in {time.monotonic() - run.start:.0f} s ({rate:.1f} files/s)"
+          + (f"; table: {table.path}" if table is not None else "")
+          + (f"; reports under {out / 'reports'}" if out is not None and writers else ""))
+    return 1 if run.counts["failed"] or run.counts["refused"] else 0
+
+
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as a table row: the identifiers (only there with --keep-identifiers) as columns of their own."""
+    return {**record, **(record.get("identifiers") or {})}
+
+
+def _chain(first: SourceItem, rest: Iterator[SourceItem]) -> Iterator[SourceItem]:
+    yield first
+    yield from rest
+
+
+def _inputs(o: PredictOptions, options: AnalysisOptions, done: Any, run: Run, table: Any) -> Iterator[SourceItem]:
+    """The inputs still to score: skipped entries become rows at once (unless already in the table), rows
+    already in the table are counted as resumed."""
+    for entry in open_sources(list(o.paths), recursive=o.recursive):
+        if isinstance(entry, Skipped):
+            if done is not None and (row_key(entry.key, options), None, None) in done:
+                run.counts["resumed"] += 1
+                continue
+            record = skipped_record(entry, options)
+            run.add(record)
+            if table is not None:
+                table.append([record])
+            continue
+        if done is not None and (row_key(entry.key, options), entry.size, entry.mtime_ns) in done:
+            run.counts["resumed"] += 1
+            continue
+        yield entry
+
+
+def _engine(o: PredictOptions, analysis_options: AnalysisOptions, items: Iterator[SourceItem]
+            ) -> Iterator[Any]:
+    """Yields a label of what runs the models, then batches of (input, record, analysis or None)."""
+    if o.engine == "ray":
+        from boneage.inference.ray_engine import ray_batches
+
+        yield from ray_batches(o, analysis_options, items)
+        return
+    from boneage.inference.stream import analysed_batches
+
     predictor = load_predictor(list(o.checkpoints), runtime=o.runtime, tta=o.tta, device=o.device,
                                precision=o.precision)
-    # one line for the run; each record's notes say it too (analysis.finish)
-    if o.heatmap and predictor.runtime != "torch" and o.out:
-        print("boneage predict: note: no Grad-CAM heatmaps with --runtime onnx (they need PyTorch)", file=sys.stderr)
-    elif o.heatmap and predictor.runtime == "torch" and not gradcam_available():
-        print(f"boneage predict: note: no Grad-CAM heatmaps: {GRADCAM_MISSING}", file=sys.stderr)
-    if o.out:
-        Path(o.out).mkdir(parents=True, exist_ok=True)
-        remove_partial_files(o.out)  # temp files of writes killed in an earlier run
-    records = predict_many(predictor, paths, out_dir=o.out, sex=sex, chronological_age=ca,
-                           right_hand=True if o.right_hand else None, keep_identifiers=o.keep_identifiers,
-                           heatmap=o.heatmap, interval_level=o.interval_level, ood_check=o.ood_check,
-                           batch_size=o.batch_size, workers=o.workers)
-    print(format_table(records))
-    model = _model_fields(predictor)
-    print(f"model: {', '.join(model['models'])} ({predictor.device_label})"
-          + (f"; measured validation MAE {model['model_mae_months']:.1f} months"
-             if model["model_mae_months"] is not None else "")
-          + "; research use only, not a certified medical device")
-    if o.out:
-        csv_path = write_csv(records, Path(o.out) / "predictions.csv")
-        kinds = "<name>.json, <name>.html" + (", <name>_heatmap.png" if any(r["heatmap"] for r in records) else "")
-        print(f"reports: {kinds} in {Path(o.out)}; table: {csv_path}")
-    failed = sum(1 for r in records if r["error"])
-    if failed:
-        print(f"boneage predict: {failed} of {len(records)} file(s) failed", file=sys.stderr)
-    return 1 if failed else 0
+    pipeline = Pipeline(predictor, analysis_options)
+    fields = pipeline.model_fields()
+    yield (f"{', '.join(fields['models'])} ({predictor.device_label})"
+           + (f"; measured validation MAE {fields['model_mae_months']:.1f} months"
+              if fields["model_mae_months"] is not None else ""))
+    yield from analysed_batches(pipeline, items, workers=o.worker_count(), batch_size=o.batch_size)
 
 
-def predict_many(predictor: Ensemble, paths: Sequence[Path], *, out_dir: str | Path | None = None,
-                 sex: str | None = None, chronological_age: float | None = None, right_hand: bool | None = None,
-                 keep_identifiers: bool = False, heatmap: bool = True, interval_level: float = DEFAULT_LEVEL,
-                 ood_check: bool = True, batch_size: int = 16, workers: int = 0) -> list[dict[str, Any]]:
-    """``predict_file`` for every path, batched (``boneage.inference.stream``): the same records, reports written
-    as each batch completes, errors printed as they happen, a progress bar on a terminal."""
-    from boneage.inference.analysis import finish, run_models
-    from boneage.inference.stream import prepared_stream
-
-    draw = bool(heatmap and out_dir is not None)
-    stems = iter(unique_stems(paths))
-    records: list[dict[str, Any]] = []
-    bar = _progress(len(paths))
-    batches = prepared_stream(paths, predictor.preprocess_configs, sex=sex, age=chronological_age,
-                              right_hand=right_hand, keep_identifiers=keep_identifiers,
-                              keep_image=draw and predictor.runtime == "torch", workers=workers, batch_size=batch_size)
-    for batch in batches:
-        ready = [item for _, item in batch if not isinstance(item, str)]
-        try:
-            outputs = iter(run_models(predictor, ready))  # type: ignore[arg-type]
-            failure = None
-        except Exception as exc:  # noqa: BLE001 - the batch's files get the error; the next batch goes on
-            failure = f"unexpected error ({type(exc).__name__}: {exc})"
-        for path, item in batch:
-            stem, analysis = next(stems) or "image", None
-            if isinstance(item, str):
-                record = error_record(predictor, path, item)
-            elif failure is not None:
-                record = error_record(predictor, path, f"{path}: {failure}")
-            else:
-                try:
-                    analysis = finish(predictor, item, next(outputs), heatmap=draw, interval_level=interval_level,
-                                      ood_check=ood_check)
-                    record = analysis.record
-                except BoneAgeError as exc:
-                    record = error_record(predictor, path, about_file(path, exc))
-                except Exception as exc:  # noqa: BLE001 - a batch goes on past anything one file can cause
-                    record = error_record(predictor, path, f"{path}: unexpected error ({type(exc).__name__}: {exc})")
-            if out_dir is not None:
-                write_outputs(record, analysis, out_dir, stem)
-            if record["error"]:
-                print(f"boneage predict: error: {record['error']}", file=sys.stderr)
-            records.append(record)
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    return records
+def _write_reports(out: Path, writers: Sequence[Any], item: SourceItem, record: dict[str, Any],
+                   analysis: Analysis | None, key: bytes) -> None:
+    """The reports of one input; ``record["report"]`` says where, relative to ``out``."""
+    named = Path(item.key).suffix.lower() in (".png", ".jpg", ".jpeg")  # DICOM names are often UIDs: never used
+    hint = Path(item.key).stem if named and record.get("instance") is None else ""
+    stem = report_stem(out, item.key, hint, key)
+    record["report"] = stem.relative_to(out).as_posix()
+    for writer in writers:
+        writer.write(record, stem, analysis)
 
 
-def _progress(total: int) -> Any:
-    """A tqdm bar on stderr for a person at a terminal (not in logs, CI or pipes); None without tqdm."""
-    if not sys.stderr.isatty() or total < 2:
+def predict_file(predictor: Ensemble, path: str | Path, *, sex: str | None = None,
+                 chronological_age: str | float | None = None, right_hand: bool | None = None,
+                 keep_identifiers: bool = False, heatmap: bool = True, out_dir: str | Path | None = None,
+                 interval_level: float = DEFAULT_LEVEL, ood_check: bool = True, header_check: bool = True
+                 ) -> dict[str, Any]:
+    """Read, check and analyse one file exactly as ``boneage predict`` does; write its reports under ``out_dir``
+    (if given); return the record. A bad file gives a record with ``error`` set, not an exception."""
+    from boneage.inference.pipeline import Failure, failure_record
+
+    path = Path(path)
+    writes = out_dir is not None
+    options = AnalysisOptions(right_hand=right_hand, keep_identifiers=keep_identifiers, heatmap=heatmap and writes,
+                              display=writes, interval_level=interval_level, ood_check=ood_check,
+                              header_check=header_check)
+    stat = path.stat() if path.is_file() else None
+    item = SourceItem(key=path.name, path=path, size=stat.st_size if stat else -1,
+                      mtime_ns=stat.st_mtime_ns if stat else -1, root=str(path.parent))
+    pipeline = Pipeline(predictor, options)
+    try:
+        options = AnalysisOptions.from_request(sex, chronological_age, **{
+            f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+            if f.name not in ("sex", "chronological_age")})
+        prepared = prepare_item(item, pipeline.configs, options)
+    except BoneAgeError as exc:  # an invalid sex or age: this file's error, as for any bad input
+        prepared = Failure(failure_record(item, options, f"{item.key}: {exc}", "failed", "invalid request"))
+    [(_, record, analysis)] = list(pipeline.analyse([(item, prepared)]))
+    if out_dir is not None:
+        from boneage.privacy import load_key
+
+        out = check_out_dir(out_dir)
+        _write_reports(out, report_writers("all"), item, record, analysis, load_key())
+    return record
+
+
+def _progress(label: str) -> Any:
+    """A tqdm bar (rate, count; no total: the inputs stream) on stderr for a person at a terminal; None elsewhere
+    (logs, CI, pipes, platform jobs: a progress line every ``PROGRESS_EVERY_S`` instead)."""
+    import sys
+
+    if not sys.stderr.isatty() or not log.isEnabledFor(logging.INFO):
         return None
     try:
         from tqdm import tqdm
     except ImportError:
         return None
-    return tqdm(total=total, unit="file", file=sys.stderr, desc="boneage predict")
+    return tqdm(unit="file", file=sys.stderr, desc=label)

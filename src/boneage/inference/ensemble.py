@@ -1,15 +1,17 @@
 """What every runtime (PyTorch, ONNX Runtime) shares: ensembles, test-time augmentation, unknown sex.
 
 No torch here, so the ONNX path can run without it. A runtime supplies members (each with its
-``config``, eval ``transform``, ``path`` and ``mae_months``) and ``predict_member``; the rest is here:
-images go through ``boneage.preprocess.preprocess`` once per distinct preprocessing config, each
-member's output is averaged over TTA views (and over both sexes when the sex is unknown), and
-the members are averaged.
+``config``, eval ``transform``, ``path`` and ``mae_months``) and ``run_views``; the rest is here:
+images go through ``boneage.preprocess.preprocess`` once per distinct preprocessing config (the caller's
+job), ``infer`` makes the TTA views, runs each view through the encoder **once**, the head once with the sex known
+and once per sex with it unknown, and takes the out-of-distribution gate's features from that same pass (view 0,
+the image itself); each member's outputs are averaged over the views, then over the members.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import cv2
@@ -19,13 +21,10 @@ from boneage.clinical import MAX_AGE_MONTHS
 from boneage.config import Config, PreprocessConfig
 from boneage.inference.conformal import Calibration
 from boneage.inference.ood import FeatureGate
-from boneage.preprocess import preprocess
+from boneage.preprocess import normalise, preprocess
 
 # (rotation degrees, x shift, y shift as a fraction of the size); the first view is the image itself
 TTA_AFFINES = ((0.0, 0, 0), (-5.0, 0, 0), (5.0, 0, 0), (0.0, 0.03, 0.0), (0.0, -0.03, 0.0), (0.0, 0.0, 0.03))
-
-# x [N, 1, S, S] float32 and male [N] float32 (None for models without a sex input) -> output [N]
-RunFn = Callable[[np.ndarray, "np.ndarray | None"], np.ndarray]
 
 
 class EnsembleMember(Protocol):
@@ -65,29 +64,51 @@ def eval_batches(transform: Any, images: np.ndarray, batch_size: int = 32) -> It
         yield np.stack([transform(image=img)["image"] for img in chunk]).astype(np.float32)[:, None]
 
 
-def average_views(run: RunFn, member: EnsembleMember, images: np.ndarray, male: np.ndarray, *, tta: bool,
-                  batch_size: int = 32) -> np.ndarray:
-    """``run`` on preprocessed uint8 images [N, S, S]: mean over TTA views and, for NaN sex, over M and F."""
+@dataclass
+class Outputs:
+    """The ensemble's outputs for a batch: ``as_given`` [N] months with the given sex (as male where it is unknown
+    and the model takes it), ``as_female`` [N] months as female where the sex is unknown (NaN elsewhere), and the
+    out-of-distribution scores [N] (``None`` without a gate)."""
+
+    as_given: np.ndarray
+    as_female: np.ndarray
+    ood: np.ndarray | None
+
+    def mean_of_sexes(self) -> np.ndarray:
+        """One estimate per image: ``as_given``, or the mean of both sexes where the sex is unknown."""
+        return np.where(np.isnan(self.as_female), self.as_given, (self.as_given + self.as_female) / 2)
+
+
+# run_views(member, x [B, 1, S, S] float32, male [B] float32 (NaN: unknown)) ->
+#   (months [B]: with the given sex, as male where unknown; months [B]: as female where unknown, else anything;
+#    gate features [B, F] or None)
+ViewOutputs = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+
+
+def member_outputs(run_views: Callable[[Any, np.ndarray, np.ndarray], ViewOutputs], member: EnsembleMember,
+                   images: np.ndarray, male: np.ndarray, *, tta: bool, batch_size: int = 32
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """One member on preprocessed uint8 images [N, S, S]: (months as given / as male, months as female, the gate's
+    features of the un-augmented view or None), each view through ``run_views`` once, means over the views."""
     male = np.asarray(male, dtype=np.float32)
-    out = np.empty(len(images), dtype=np.float64)
+    first = np.empty(len(images), dtype=np.float64)
+    second = np.empty(len(images), dtype=np.float64)
+    features: list[np.ndarray] = []
     for start in range(0, len(images), batch_size):
         chunk = np.asarray(images[start:start + batch_size])
         views = [tta_views(img, member.config.augment.hflip) if tta else [img] for img in chunk]
         n_views = len(views[0])
-        x = np.stack([member.transform(image=v)["image"] for vs in views for v in vs]).astype(np.float32)[:, None]
-        sex = np.repeat(male[start:start + len(chunk)], n_views)
-        if member.config.model.sex_input:
-            unknown = np.isnan(sex)
-            pred = (run(x, np.where(unknown, 1.0, sex).astype(np.float32))
-                    + run(x, np.where(unknown, 0.0, sex).astype(np.float32))) / 2
-        else:
-            pred = run(x, None)
-        out[start:start + len(chunk)] = np.asarray(pred, dtype=np.float64).reshape(len(chunk), n_views).mean(axis=1)
-    return out
+        x = normalise(np.stack([v for vs in views for v in vs]))
+        a, b, f = run_views(member, x, np.repeat(male[start:start + len(chunk)], n_views))
+        first[start:start + len(chunk)] = np.asarray(a, np.float64).reshape(len(chunk), n_views).mean(axis=1)
+        second[start:start + len(chunk)] = np.asarray(b, np.float64).reshape(len(chunk), n_views).mean(axis=1)
+        if f is not None:
+            features.append(np.asarray(f)[::n_views])  # view 0: the image itself
+    return first, second, (np.concatenate(features) if features else None)
 
 
 class Ensemble(ABC):
-    """Base of the predictors: ``members`` plus a runtime-specific ``predict_member``."""
+    """Base of the predictors: ``members`` plus a runtime-specific ``run_views``."""
 
     members: Sequence[EnsembleMember]
     tta: bool
@@ -99,31 +120,42 @@ class Ensemble(ABC):
         return self.runtime
 
     @abstractmethod
-    def predict_member(self, member: Any, images: np.ndarray, male: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """Months for preprocessed uint8 images [N, S, S] with one member; NaN sex = mean of both sexes."""
-
-    def member_features(self, member: Any, images: np.ndarray, batch_size: int = 32) -> np.ndarray | None:
-        """The out-of-distribution gate's features [N, F] of preprocessed uint8 images (no TTA); ``None`` when
-        the runtime's model does not expose them (ONNX files exported before the check)."""
-        return None
+    def run_views(self, member: Any, x: np.ndarray, male: np.ndarray) -> ViewOutputs:
+        """Normalised views [B, 1, S, S] of one member through its model: see ``ViewOutputs``."""
 
     @property
     def gated(self) -> bool:
         """Some member can score how far an image is from its training images (``boneage.inference.ood``)."""
         return any(m.gate is not None for m in self.members)
 
+    @property
+    def sex_input(self) -> bool:
+        """Some member takes the sex: with it unknown, the estimate is given for both sexes."""
+        return any(m.config.model.sex_input for m in self.members)
+
+    def infer(self, by_config: dict[int, np.ndarray], male: np.ndarray, batch_size: int = 32) -> Outputs:
+        """The ensemble on preprocessed images (``by_config[i]``: uint8 [N, S, S] preprocessed with
+        ``preprocess_configs[i]``) and ``male`` [N] (1, 0 or NaN for unknown): one encoder pass per view and
+        member, the gate's features from that pass."""
+        configs = self.preprocess_configs
+        male = np.asarray(male, dtype=np.float32)
+        unknown = np.isnan(male) & self.sex_input
+        firsts, seconds, scores = [], [], []
+        for m in self.members:
+            a, b, features = member_outputs(self.run_views, m, by_config[configs.index(m.config.preprocess)], male,
+                                            tta=self.tta, batch_size=batch_size)
+            firsts.append(a)
+            seconds.append(np.where(unknown, b if m.config.model.sex_input else a, np.nan))
+            if m.gate is not None and features is not None:
+                scores.append(m.gate.score(features))
+        return Outputs(np.mean(firsts, axis=0), np.mean(seconds, axis=0),
+                       np.mean(scores, axis=0) if scores else None)
+
     def ood_scores(self, by_config: dict[int, np.ndarray]) -> np.ndarray | None:
         """Per image: the feature distance to the training images as a multiple of the refusal threshold (> 1 is
         out of distribution), the mean over the members that have a gate; ``None`` when none has."""
-        configs = self.preprocess_configs
-        scores = []
-        for m in self.members:
-            if m.gate is None:
-                continue
-            features = self.member_features(m, by_config[configs.index(m.config.preprocess)])
-            if features is not None:
-                scores.append(m.gate.score(features))
-        return np.mean(scores, axis=0) if scores else None
+        n = len(next(iter(by_config.values())))
+        return self.infer(by_config, np.zeros(n, np.float32)).ood
 
     @property
     def preprocess_configs(self) -> list[PreprocessConfig]:
@@ -165,11 +197,16 @@ class Ensemble(ABC):
             return None
         return np.clip(low - half, 0.0, MAX_AGE_MONTHS), np.clip(high + half, 0.0, MAX_AGE_MONTHS)
 
+    def predict_member(self, member: Any, images: np.ndarray, male: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """Months for preprocessed uint8 images [N, S, S] with one member; NaN sex = mean of both sexes."""
+        a, b, _ = member_outputs(self.run_views, member, images, male, tta=self.tta, batch_size=batch_size)
+        unknown = np.isnan(np.asarray(male, np.float32)) & bool(member.config.model.sex_input)
+        return np.where(unknown, (a + b) / 2, a)
+
     def predict_preprocessed(self, by_config: dict[int, np.ndarray], male: np.ndarray) -> np.ndarray:
-        """Ensemble mean; ``by_config[i]`` holds the images preprocessed with ``preprocess_configs[i]``."""
-        configs = self.preprocess_configs
-        preds = [self.predict_member(m, by_config[configs.index(m.config.preprocess)], male) for m in self.members]
-        return np.mean(preds, axis=0)
+        """Ensemble months; ``by_config[i]`` holds the images preprocessed with ``preprocess_configs[i]``; NaN sex:
+        the mean of both sexes."""
+        return self.infer(by_config, male).mean_of_sexes()
 
     def preprocess_all(self, images: Sequence[np.ndarray]) -> dict[int, np.ndarray]:
         """Decoded radiographs -> ``{config index: uint8 [N, S, S]}`` for ``predict_preprocessed``."""

@@ -8,8 +8,6 @@ member's preprocessing are averaged; the heatmap is drawn over that preprocessed
 
 from __future__ import annotations
 
-import dataclasses
-
 import cv2
 import numpy as np
 import torch
@@ -17,7 +15,6 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from boneage.inference.predictor import Member, Predictor
-from boneage.preprocess import preprocess
 
 DISPLAY_SIZE = 384
 
@@ -53,13 +50,14 @@ def member_cam(member: Member, preprocessed: np.ndarray, male: float | None, dev
         member.model.zero_grad(set_to_none=True)  # free the weight gradients the backward pass left behind
 
 
-def heatmap_overlay(predictor: Predictor, image: np.ndarray, male: float | None,
-                    display_size: int = DISPLAY_SIZE) -> np.ndarray:
-    """Decoded radiograph -> RGB uint8 [display_size, display_size]: the Grad-CAM over the model's view."""
+def heatmap_overlay(predictor: Predictor, preprocessed: np.ndarray, view: np.ndarray, male: float | None) -> np.ndarray:
+    """Grad-CAM over an already-preprocessed image: ``preprocessed`` uint8 [S, S] with the predictor's first
+    preprocessing config, ``view`` the same crop at display size (``boneage.preprocess.preprocess_views``) ->
+    RGB uint8 [D, D] (D = the view's size)."""
     cfg = predictor.preprocess_configs[0]
     members = [m for m in predictor.members if m.config.preprocess == cfg]
-    cam = np.mean([member_cam(m, preprocess(image, cfg), male, predictor.device) for m in members], axis=0)
-    view = preprocess(image, dataclasses.replace(cfg, size=display_size))  # same crop/letterbox, finer pixels
-    cam = cv2.resize(cam.astype(np.float32), (display_size, display_size), interpolation=cv2.INTER_LINEAR)
+    cam = np.mean([member_cam(m, preprocessed, male, predictor.device) for m in members], axis=0)
+    size = view.shape[0]
+    cam = cv2.resize(cam.astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
     rgb = np.repeat(view[..., None], 3, axis=2).astype(np.float32) / 255.0
     return show_cam_on_image(rgb, np.clip(cam, 0, 1), use_rgb=True, image_weight=0.6)

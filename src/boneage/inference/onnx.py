@@ -1,11 +1,12 @@
 """ONNX export of a checkpoint, and an ONNX Runtime predictor that needs no torch.
 
 The exported graph takes ``image`` float32 [N, 1, S, S] (after ``preprocess`` and the eval
-transform) and ``male`` float32 [N] (1 male, 0 female; absent for models without a sex input)
-and returns ``months`` float32 [N]: the target mean/std are folded into the graph, so the
-output is already in months; and ``features`` float32 [N, F], the last feature map's channel statistics
-that the out-of-distribution gate scores (``boneage.inference.ood``; older exports lack it and skip the
-check). The batch size N is dynamic; S is the checkpoint's ``preprocess.size``. The file's
+transform) and returns, from one encoder pass, ``months_male`` and ``months_female`` float32 [N] (the head run with
+each sex; the same values twice for models without a sex input; the target mean/std are folded into the graph, so
+they are already in months) and ``features`` float32 [N, F], the last feature map's channel statistics that the
+out-of-distribution gate scores (``boneage.inference.ood``). One session run gives everything an image needs; the
+head is a small MLP, so running it for both sexes costs next to nothing. Exports written before boneage 0.3 (inputs
+``image``/``male``, output ``months``) are refused with a request to export again. The batch size N is dynamic; S is the checkpoint's ``preprocess.size``. The file's
 ``metadata_props`` carry what inference needs without torch (all values are strings, JSON where structured):
 
 ``boneage.config`` (the whole run config), ``boneage.preprocess``, ``boneage.augment``,
@@ -37,11 +38,12 @@ from boneage.config import Config
 from boneage.errors import CheckpointError
 from boneage.device import onnx_providers
 from boneage.inference.conformal import Calibration
-from boneage.inference.ensemble import Ensemble, average_views, eval_batches
+from boneage.inference.ensemble import Ensemble, ViewOutputs
 from boneage.inference.ood import FeatureGate
 
 META_PREFIX = "boneage."
 MIN_OPSET = 18  # the lowest opset the torch.export-based exporter writes
+OUTPUTS = ("months_male", "months_female", "features")
 
 
 def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: int = MIN_OPSET) -> Path:
@@ -63,15 +65,19 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
             super().__init__()
             self.model = model
 
-        def forward(self, image: torch.Tensor, male: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-            # features: what the out-of-distribution gate scores
-            out, features = self.model.forward_with_features(image, male)  # type: ignore[operator]
-            return out * std + mean, features
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            # features: what the out-of-distribution gate scores, from the same encoder pass
+            pooled, features = self.model.encode(image)  # type: ignore[operator]
+            if not cfg.model.sex_input:
+                out = self.model.head(pooled, None) * std + mean
+                return out, out.clone(), features
+            ones = torch.ones(image.shape[0], dtype=pooled.dtype, device=pooled.device)
+            male = self.model.head(pooled, ones) * std + mean
+            female = self.model.head(pooled, ones * 0) * std + mean
+            return male, female, features
 
     size = cfg.preprocess.size
     inputs: tuple[torch.Tensor, ...] = (torch.zeros(2, 1, size, size),)
-    if cfg.model.sex_input:
-        inputs += (torch.tensor([1.0, 0.0]),)
     if opset < MIN_OPSET:
         warnings.warn(f"ONNX opset {opset} requested; the exporter writes opset {MIN_OPSET} or newer: "
                       f"using {MIN_OPSET}", stacklevel=2)
@@ -96,8 +102,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
     with atomic_path(out) as tmp:  # written whole, then renamed: no half-written model at ``out``
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # notes on the shared batch dimension's name
-            torch.onnx.export(Months().eval(), inputs, str(tmp), input_names=["image", "male"][:len(inputs)],
-                              output_names=["months", "features"], opset_version=opset, dynamo=True,
+            torch.onnx.export(Months().eval(), inputs, str(tmp), input_names=["image"],
+                              output_names=list(OUTPUTS), opset_version=opset, dynamo=True,
                               external_data=False,
                               dynamic_shapes=tuple({0: batch} for _ in inputs), verbose=False)
         proto = onnx.load(str(tmp))
@@ -124,7 +130,7 @@ class OnnxMember:
     session: Any = field(repr=False)
     config: Config
     metadata: dict[str, str]
-    transform: Any = field(repr=False)
+    transform: Any = field(repr=False)  # None: inference normalises with boneage.preprocess.normalise
 
     @property
     def mae_months(self) -> float | None:
@@ -141,12 +147,6 @@ class OnnxMember:
         text = self.metadata.get("ood", "")
         return FeatureGate.from_state(json.loads(text)) if text else None
 
-    @cached_property
-    def has_features(self) -> bool:
-        """Exports since the out-of-distribution check have a second output, ``features``."""
-        return "features" in [o.name for o in self.session.get_outputs()]
-
-
 class OnnxPredictor(Ensemble):
     """The ``Predictor`` interface on ONNX Runtime: same preprocessing, TTA and ensembling, no torch."""
 
@@ -155,8 +155,6 @@ class OnnxPredictor(Ensemble):
     def __init__(self, paths: Sequence[str | Path], *, tta: bool = False, threads: int | None = None,
                  device: str = "cpu") -> None:
         import onnxruntime as ort
-
-        from boneage.transforms import build_transforms
 
         if not paths:
             raise CheckpointError("no model given; pass --checkpoint MODEL.onnx (repeat it for an ensemble)")
@@ -176,32 +174,21 @@ class OnnxPredictor(Ensemble):
             except Exception as exc:
                 raise CheckpointError(f"{path} is not a readable ONNX model ({exc})") from exc
             meta = read_metadata(session, path)
+            if [o.name for o in session.get_outputs()] != list(OUTPUTS):
+                raise CheckpointError(f"{path} was exported by an older boneage (outputs "
+                                      f"{', '.join(o.name for o in session.get_outputs())}); export it again from "
+                                      "its checkpoint with 'boneage export'")
             cfg = Config.from_dict(json.loads(meta["config"]), source=f"{path} metadata")
-            self.members.append(OnnxMember(str(path), session, cfg, meta, build_transforms(cfg.augment, "eval")))
+            self.members.append(OnnxMember(str(path), session, cfg, meta, None))
 
     @property
     def device_label(self) -> str:
         ran = self.members[0].session.get_providers()[0] if self.members else "none"
         return f"ONNX Runtime, {ran}"
 
-    def predict_member(self, member: OnnxMember, images: np.ndarray, male: np.ndarray,
-                       batch_size: int = 32) -> np.ndarray:
-        """Months for preprocessed uint8 images [N, S, S] with one member; NaN sex = mean of both sexes."""
-
-        def run(x: np.ndarray, sex: np.ndarray | None) -> np.ndarray:
-            feeds = {"image": x} if sex is None else {"image": x, "male": sex}
-            return member.session.run(["months"], feeds)[0]
-
-        return average_views(run, member, images, male, tta=self.tta, batch_size=batch_size)
-
-    def member_features(self, member: OnnxMember, images: np.ndarray, batch_size: int = 32) -> np.ndarray | None:
-        """The export's ``features`` output for preprocessed uint8 images [N, S, S] (eval transform, no TTA)."""
-        if not member.has_features:
-            return None
-        out = []
-        for x in eval_batches(member.transform, images, batch_size):
-            feeds = {"image": x}
-            if member.config.model.sex_input:
-                feeds["male"] = np.zeros(len(x), np.float32)  # the features do not depend on it
-            out.append(member.session.run(["features"], feeds)[0])
-        return np.concatenate(out)
+    def run_views(self, member: OnnxMember, x: np.ndarray, male: np.ndarray) -> ViewOutputs:
+        """Normalised views [B, 1, S, S]: one session run gives both sexes' months and the gate's features."""
+        as_male, as_female, features = member.session.run(list(OUTPUTS), {"image": x})
+        known = ~np.isnan(male)
+        first = np.where(known & (male < 0.5), as_female, as_male)
+        return first, as_female, features

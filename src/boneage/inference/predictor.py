@@ -21,7 +21,7 @@ from boneage.config import Config
 from boneage.device import autocast, check_precision
 from boneage.errors import CheckpointError
 from boneage.inference.conformal import Calibration
-from boneage.inference.ensemble import Ensemble, average_views, eval_batches
+from boneage.inference.ensemble import Ensemble, ViewOutputs, eval_batches
 from boneage.inference.ood import FeatureGate
 from boneage.transforms import build_transforms
 
@@ -83,22 +83,28 @@ class Predictor(Ensemble):
         return f"PyTorch on {self.device}" + ("" if self.precision == "fp32" else f", {self.precision} autocast")
 
     @torch.inference_mode()
-    def predict_member(self, member: Member, images: np.ndarray, male: np.ndarray,
-                       batch_size: int = 32) -> np.ndarray:
-        """Months for preprocessed uint8 images [N, S, S] with one member; NaN sex = mean of both sexes."""
-
-        def run(x: np.ndarray, sex: np.ndarray | None) -> np.ndarray:
-            male_t = None if sex is None else torch.from_numpy(sex).to(self.device)
-            with autocast(self.device, self.precision):
-                out = member.model(torch.from_numpy(x).to(self.device), male_t)
-            return out.float().cpu().numpy()
-
-        normalised = average_views(run, member, images, male, tta=self.tta, batch_size=batch_size)
-        return normalised * member.std + member.mean
-
-    def member_features(self, member: Member, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """The gate's features [N, F] of preprocessed uint8 images [N, S, S] (the eval transform, no TTA)."""
-        return gate_features(member.model, member.transform, images, self.device, batch_size)
+    def run_views(self, member: Member, x: np.ndarray, male: np.ndarray) -> ViewOutputs:
+        """Normalised views [B, 1, S, S]: the encoder once, the head once for the rows whose sex is known (or for
+        all rows of a model without a sex input) and once per sex for the others; months, not normalised ages."""
+        model = member.model
+        with autocast(self.device, self.precision):
+            pooled, features = model.encode(torch.from_numpy(x).to(self.device))
+            first = torch.empty(len(x), device=self.device)
+            second = torch.full((len(x),), float("nan"), device=self.device)
+            if not member.config.model.sex_input:
+                first[:] = model.head(pooled, None).float()
+            else:
+                sex = torch.from_numpy(np.asarray(male, np.float32)).to(self.device)
+                unknown = torch.isnan(sex)
+                known = ~unknown
+                if known.any():
+                    first[known] = model.head(pooled[known], sex[known]).float()
+                if unknown.any():
+                    u = pooled[unknown]
+                    first[unknown] = model.head(u, u.new_ones(len(u))).float()
+                    second[unknown] = model.head(u, u.new_zeros(len(u))).float()
+        months = [t.double().cpu().numpy() * member.std + member.mean for t in (first, second)]
+        return months[0], months[1], features.float().cpu().numpy() if member.gate is not None else None
 
 
 def gate_features(model: torch.nn.Module, transform: Any, images: np.ndarray, device: torch.device | str = "cpu",

@@ -1,66 +1,73 @@
-"""Batched, parallel prediction over many files: ``boneage predict --batch-size N --workers W``.
+"""The local engine: inputs prepared in worker processes while the model runs on the previous batch.
 
-Files are read and prepared (``read_image`` -> ``analysis.prepare``: the quality gate and the one preprocessing
-path) in ``W`` worker processes (0: in this process), with at most ``PREFETCH_BATCHES`` batches in flight, so a
-folder of 10,000 files never sits in memory. The models run on batches of ``N`` (``analysis.run_models``: the
-ensemble, TTA views and the out-of-distribution gate, batched), then each file is finished and its reports are
-written as its batch completes (``analysis.finish``, the same code as one file). A file that cannot be read or
-prepared becomes that file's error record; the rest go on. ``prepared_stream`` yields in input order.
+``prepared_batches`` reads and prepares inputs (``pipeline.prepare_item``: decode, header check, quality gate, the
+one preprocessing path) in ``workers`` processes (0: in this process), in chunks, with at most
+``PREFETCH_BATCHES`` batches in flight, so an archive of a million files never sits in memory and the decoding
+overlaps the model. ``analysed_batches`` runs each batch through ``Pipeline.analyse``. Both keep the input order.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 from collections import deque
-from pathlib import Path
-from typing import Any, Iterator, Sequence
+from itertools import islice
+from typing import Any, Iterable, Iterator, Sequence
 
-from boneage.errors import BoneAgeError, about_file
-from boneage.inference.analysis import Pending, prepare
-from boneage.io import read_image
+from boneage.inference.analysis import Pending
+from boneage.inference.pipeline import AnalysisOptions, Failure, Pipeline, prepare_item
+from boneage.inference.sources import SourceItem
 
 PREFETCH_BATCHES = 2
+Prepared = list[tuple[SourceItem, "Pending | Failure"]]
 
 
-def _load(args: tuple[Path, Sequence[Any], str | None, float | None, bool | None, bool, bool]) -> Pending | str:
-    """Worker: one file -> a ``Pending`` or its error message."""
-    path, configs, sex, age, right_hand, keep_identifiers, keep_image = args
-    try:
-        image, meta = read_image(path, right_hand=right_hand, keep_identifiers=keep_identifiers)
-        return prepare(configs, image, meta, sex=sex, chronological_age=age, keep_image=keep_image)
-    except BoneAgeError as exc:
-        return about_file(path, exc)
-    except Exception as exc:  # noqa: BLE001 - one file must not end the batch
-        return f"{path}: unexpected error ({type(exc).__name__}: {exc})"
+def _prepare_chunk(args: tuple[list[SourceItem], Sequence[Any], AnalysisOptions]) -> Prepared:
+    """Worker: a few inputs -> their prepared images or failure records."""
+    items, configs, options = args
+    return [(item, prepare_item(item, configs, options)) for item in items]
 
 
-def prepared_stream(paths: Sequence[Path], configs: Sequence[Any], *, sex: str | None, age: float | None,
-                    right_hand: bool | None, keep_identifiers: bool, keep_image: bool, workers: int,
-                    batch_size: int) -> Iterator[list[tuple[Path, Pending | str]]]:
-    """Batches of (path, prepared image or error message), in input order."""
-    jobs = [(p, list(configs), sex, age, right_hand, keep_identifiers, keep_image) for p in paths]
+def _init_worker() -> None:
+    """One thread per worker process for OpenCV and BLAS: the processes are the parallelism."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def prepared_batches(items: Iterable[SourceItem], configs: Sequence[Any], options: AnalysisOptions, *,
+                     workers: int, batch_size: int) -> Iterator[Prepared]:
+    """Batches of (input, prepared image or failure), in input order."""
+    source = iter(items)
     if workers <= 0:
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
-            yield [(job[0], _load(job)) for job in chunk]
+        while batch := list(islice(source, batch_size)):
+            yield _prepare_chunk((batch, configs, options))
         return
-    with mp.get_context("spawn").Pool(workers) as pool:
-        pending: deque[tuple[Path, Any]] = deque()
-        queued = iter(jobs)
-        limit = PREFETCH_BATCHES * batch_size
-        batch: list[tuple[Path, Pending | str]] = []
+    chunk = max(1, min(8, batch_size // (2 * workers)))
+    with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+        in_flight: deque[Any] = deque()
+        limit = max(2, PREFETCH_BATCHES * batch_size // chunk)
+        batch: Prepared = []
         while True:
-            while len(pending) < limit:
-                job = next(queued, None)
-                if job is None:
+            while len(in_flight) < limit:
+                part = list(islice(source, chunk))
+                if not part:
                     break
-                pending.append((job[0], pool.apply_async(_load, (job,))))
-            if not pending:
+                in_flight.append(pool.apply_async(_prepare_chunk, ((part, list(configs), options),)))
+            if not in_flight:
                 break
-            path, result = pending.popleft()
-            batch.append((path, result.get()))
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
+            batch.extend(in_flight.popleft().get())
+            while len(batch) >= batch_size:
+                yield batch[:batch_size]
+                batch = batch[batch_size:]
         if batch:
             yield batch
+
+
+def analysed_batches(pipeline: Pipeline, items: Iterable[SourceItem], *, workers: int, batch_size: int
+                     ) -> Iterator[list[tuple[SourceItem, dict[str, Any], Any]]]:
+    """The local engine: (input, record, analysis or None) per input, a batch at a time."""
+    for prepared in prepared_batches(items, pipeline.configs, pipeline.options, workers=workers,
+                                     batch_size=batch_size):
+        yield list(pipeline.analyse(prepared))

@@ -91,19 +91,31 @@ class BoneAgeNet(nn.Module):
         return self.get_submodule(self.cam_layer_name)
 
     def forward(self, image: torch.Tensor, male: torch.Tensor | None = None) -> torch.Tensor:
-        if image.ndim != 4 or image.shape[1] != 1:
-            raise ValueError(f"image must be a grayscale batch [B, 1, H, W], got shape {tuple(image.shape)}")
+        _check_image(image)
         return self.head(self.encoder(image), male)
 
-    def forward_with_features(self, image: torch.Tensor, male: torch.Tensor | None = None
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``forward`` and, from the same pass, the out-of-distribution gate's features ``[B, 2C]``: the mean
-        and the standard deviation of each channel of the ``cam_layer`` feature map (``boneage.inference.ood``)."""
+    def encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's one pass: pooled features ``[B, F]`` for ``head`` and, from the same pass, the
+        out-of-distribution gate's features ``[B, 2C]``: the mean and the standard deviation of each channel of the
+        ``cam_layer`` feature map (``boneage.inference.ood``). Inference runs the encoder once per view and the
+        head once per sex it needs (``boneage.inference.ensemble``)."""
+        _check_image(image)
         grabbed: list[torch.Tensor] = []
         handle = self.cam_layer.register_forward_hook(lambda module, args, output: grabbed.append(output))
         try:
-            out = self(image, male)
+            pooled = self.encoder(image)
         finally:
             handle.remove()
         fmap = grabbed[-1].float()
-        return out, torch.cat([fmap.mean(dim=(2, 3)), fmap.std(dim=(2, 3), correction=0)], dim=1)
+        return pooled, torch.cat([fmap.mean(dim=(2, 3)), fmap.std(dim=(2, 3), correction=0)], dim=1)
+
+    def forward_with_features(self, image: torch.Tensor, male: torch.Tensor | None = None
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` and the gate's features (``encode``) from the same pass."""
+        pooled, features = self.encode(image)
+        return self.head(pooled, male), features
+
+
+def _check_image(image: torch.Tensor) -> None:
+    if image.ndim != 4 or image.shape[1] != 1:
+        raise ValueError(f"image must be a grayscale batch [B, 1, H, W], got shape {tuple(image.shape)}")

@@ -21,11 +21,34 @@ class _F:
 
 SCHEMA: tuple[_F, ...] = (
     _F('schema_version', 'string', str, False,
-       '`"1.2"` (1.1 added the three `interval` fields, `bone_age_by_sex_months`, `normal_range_months`, '
-       '`category_certainty` and `reference_standard`; 1.2 added `ood_score` and `ood_method`). Additive '
-       'changes bump the minor version, others the major.'),
+       '`"1.3"` (1.1 added the three `interval` fields, `bone_age_by_sex_months`, `normal_range_months`, '
+       '`category_certainty` and `reference_standard`; 1.2 added `ood_score` and `ood_method`; 1.3 added '
+       '`status`, `reason`, `instance`, `file_size`, `file_mtime_ns` and `report`, and `file` became the path '
+       'relative to the input root). Additive changes bump the minor version, others the major.'),
     _F('file', 'string', str, True,
-       "the input path as given (or the upload's name)"),
+       "the path relative to the input root (the folder given, or the file's own folder; with several inputs, "
+       "prefixed by the input as given), or the upload's name; never an absolute path (that is in "
+       '`identifiers.path`, with `--keep-identifiers` only). With `file_size` and `file_mtime_ns` it is what a '
+       'rerun of `boneage predict` uses to skip files already in the table'),
+    _F('status', '`"ok"`, `"failed"`, `"refused"`, `"skipped"` (null only in an empty record)', str | None, True,
+       '`ok`: analysed; `failed`: could not be analysed (unreadable, unusable image, ...); `refused`: not a '
+       'hand radiograph by its DICOM header (Modality, BodyPartExamined) or by the out-of-distribution check; '
+       '`skipped`: not an input (hidden or system file, DICOMDIR, not an image, ...)'),
+    _F('reason', 'string or null', str | None, True,
+       'for a file not `ok`: a short category to count by (`"unreadable"`, `"unusable image"`, '
+       '`"out of distribution"`, `"header: modality CT"`, `"DICOMDIR"`, `"hidden or system file"`, ...); '
+       '`error` has the full sentence'),
+    _F('instance', 'string or null', str | None, True,
+       "DICOM only: a keyed pseudonym of the SOP Instance UID (HMAC-SHA-256 with this site's key, "
+       '`--pseudonym-key`): the same image always gets the same value, and nobody without the key can '
+       'recover the UID'),
+    _F('file_size', 'integer or null', int | None, True,
+       'the input file size in bytes'),
+    _F('file_mtime_ns', 'integer or null', int | None, True,
+       "the input file's modification time (ns since the epoch)"),
+    _F('report', 'string or null', str | None, True,
+       'where the reports are, relative to `--out`, without the extension (`reports/3f/1380-3fa2c1d0` + '
+       '`.json`, `.html`, `_heatmap.png`); null when none were written'),
     _F('error', 'string or null', str | None, True,
        'why the file was not analysed (unreadable, unusable image, ...); `null` when fine. When set, the '
        'result fields are `null`.'),
@@ -113,8 +136,9 @@ SCHEMA: tuple[_F, ...] = (
     _F('boneage_version', 'string', str, False,
        'package version that wrote the record'),
     _F('identifiers', 'object or null', dict[str, str] | None, False,
-       'DICOM PatientName, PatientID, PatientBirthDate, AccessionNumber: only with `--keep-identifiers`; '
-       'otherwise null, and these values appear in no output at all'),)
+       'DICOM PatientName, PatientID, PatientBirthDate, AccessionNumber, SOPInstanceUID and the absolute '
+       '`path` of the input: only with `--keep-identifiers`; otherwise null, and these values appear in no '
+       'output at all'),)
 
 FIELDS = tuple(f.name for f in SCHEMA)
 # predictions.csv: the scalar fields; the interval as two columns (its low and high ends)

@@ -14,8 +14,8 @@ from boneage import __version__
 from boneage.clinical import REFERENCE as GP_REFERENCE
 from boneage.report.fields import FIELDS  # noqa: F401 (the record's fields in order: the one table)
 
-SCHEMA_VERSION = "1.2"  # 1.1: the interval fields, bone_age_by_sex_months, normal range, certainty, standard;
-# 1.2: ood_score, ood_method
+SCHEMA_VERSION = "1.3"  # 1.1: the interval fields, bone_age_by_sex_months, normal range, certainty, standard;
+# 1.2: ood_score, ood_method; 1.3: status, reason, instance, file_size, file_mtime_ns, report; file is relative
 REFERENCE_STANDARD = "Greulich & Pyle, Brush Foundation standard deviations"
 RUO_NOTICE = "Research use only \u2014 not a certified medical device"
 DISCLAIMER_DETAIL = (

@@ -6,8 +6,8 @@ told otherwise. The pieces, one concern per module: ``schemas`` (paths, limits, 
 ``service`` (the analysis and the report store), ``middleware`` (upload limit, security headers), ``server``.
 
 One analysis path: an upload is streamed to a temporary file (the size limit is enforced while
-the body arrives), decoded by ``boneage.io.read_image`` and analysed by
-``boneage.inference.batch.predict_array`` -- the function behind ``boneage predict`` -- so the API
+the body arrives), then analysed as one more source of the analysis pipeline (``boneage.inference.pipeline``: the same
+prepare -> infer -> explain -> finish that ``boneage predict`` runs), so the API
 returns the same JSON record (``boneage/report/SCHEMA.md``), plus the report's id and links and the
 Grad-CAM heatmap as a base64 PNG.
 
@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from boneage import __version__
 from boneage.errors import BoneAgeError
-from boneage.inference.batch import parse_request
+from boneage.inference.analysis import parse_request
 from boneage.report import render_html
 from boneage.report.schema import RUO_NOTICE
 from boneage.serve.middleware import (

@@ -1,4 +1,5 @@
-"""The analysis service behind the routes: uploads -> ``predict_array`` records, the report LRU, Grad-CAM lock."""
+"""The analysis service behind the routes: uploads -> records through the analysis pipeline (an upload is one
+more source), the report LRU, the Grad-CAM lock."""
 
 from __future__ import annotations
 
@@ -21,12 +22,15 @@ from typing import IO, Any, Callable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from boneage.device import check_precision
-from boneage.errors import BoneAgeError, ImageReadError, UnusableImageError
-from boneage.inference.batch import load_predictor, predict_array
-from boneage.io import IMAGE_SUFFIXES, _sniff, read_image
+from boneage.errors import BoneAgeError, ImageReadError
+from boneage.inference.analysis import Pending, parse_request
+from boneage.inference.batch import load_predictor
+from boneage.inference.pipeline import AnalysisOptions, Pipeline, prepare_item
+from boneage.inference.sources import upload_item
+from boneage.io import IMAGE_SUFFIXES, _sniff
 from boneage.report.images import png_bytes
 from boneage.report.schema import RUO_NOTICE
-from boneage.serve.schemas import API, MB, _MALE, _REPORT_ID
+from boneage.serve.schemas import API, MB, _REPORT_ID
 
 log = logging.getLogger("boneage.serve")
 T = TypeVar("T")
@@ -144,6 +148,9 @@ class Service:
         self.ood_check = bool(o.ood_check)
         self.predictor = load_predictor(list(o.checkpoints), runtime="torch", tta=o.tta, device=o.device,
                                         precision=o.precision)
+        # the heatmap is drawn by ``heatmap`` on the CAM copy, one at a time: the pipeline itself draws none
+        self.pipeline = Pipeline(self.predictor, AnalysisOptions(interval_level=self.interval_level,
+                                                                 ood_check=self.ood_check))
         self.cam_predictor = _cam_copy(self.predictor) if o.heatmap else None
         self._cam_lock = threading.Lock()
         self.max_upload_mb = float(o.max_upload_mb)
@@ -160,9 +167,12 @@ class Service:
     def warmup(self) -> None:
         """One prediction and one heatmap on a synthetic image: lazy imports and first-call costs happen at
         start-up, not in the first user's request."""
+        from boneage.inference.analysis import prepare
+
         image = np.random.default_rng(0).integers(0, 256, (256, 256), dtype=np.uint8)
         self.predictor.predict([image], [None])
-        self.heatmap(image, None)
+        if self.cam_predictor is not None:
+            self.heatmap(prepare(self.pipeline.configs, image, cam_view=True))
 
     # admission: a bounded number of analyses running or waiting
     @property
@@ -206,14 +216,15 @@ class Service:
             "notice": RUO_NOTICE,
         }
 
-    def heatmap(self, image: np.ndarray, sex: str | None) -> np.ndarray | None:
-        """Grad-CAM overlay (as ``predict_array`` draws it), one request at a time on the CAM copy."""
-        if self.cam_predictor is None:
+    def heatmap(self, pending: Pending) -> np.ndarray | None:
+        """Grad-CAM overlay (as ``boneage predict`` draws it, from the prepared image), one request at a time on
+        the CAM copy."""
+        if self.cam_predictor is None or pending.cam_view is None:
             return None
         from boneage.inference.gradcam import heatmap_overlay
 
         with self._cam_lock:
-            return heatmap_overlay(self.cam_predictor, image, None if sex is None else _MALE[sex])
+            return heatmap_overlay(self.cam_predictor, pending.by_config[0][0], pending.cam_view, pending.male)
 
     def analyse(self, upload: IO[bytes], name: str, sex: str | None, chronological_age: str | float | None,
                 right_hand: bool) -> dict[str, Any]:
@@ -235,26 +246,24 @@ class Service:
                 _sniff(Path(name), head)  # the format check read_image makes, under the upload's name
             except ImageReadError as exc:
                 raise ApiError(415, f"unsupported file type: {exc}") from exc
-            try:
-                image, meta = read_image(path, right_hand=True if right_hand else None, keep_identifiers=False)
-                meta.path = name
-                analysis = predict_array(self.predictor, image, meta, sex=sex, chronological_age=chronological_age,
-                                         heatmap=False, interval_level=self.interval_level,
-                                         ood_check=self.ood_check)
-            except UnusableImageError as exc:
-                raise ApiError(422, f"unusable image: {str(exc).replace(str(path), name)}") from exc
-            except ImageReadError as exc:
-                raise ApiError(422, f"unreadable image: {str(exc).replace(str(path), name)}") from exc
-            except BoneAgeError as exc:
-                raise ApiError(422, str(exc).replace(str(path), name)) from exc
-        overlay = self.heatmap(image, analysis.record["sex"])
+            options = dataclasses.replace(
+                self.pipeline.options, right_hand=True if right_hand else None, heatmap=self.cam_predictor is not None,
+                **dict(zip(("sex", "chronological_age"), parse_request(sex, chronological_age))))
+            item = dataclasses.replace(upload_item(name, b""), path=path, size=size)
+            prepared = prepare_item(item, self.pipeline.configs, options)
+            if not isinstance(prepared, Pending):
+                raise ApiError(422, _api_message(prepared.record))
+            [(_, record, analysis)] = list(self.pipeline.analyse([(item, prepared)]))
+            if analysis is None:
+                raise ApiError(422, _api_message(record))
+        overlay = self.heatmap(prepared)
         heatmap_png = None if overlay is None else fast_png(overlay)
         report_id = uuid.uuid4().hex
-        record = analysis.record
         record["heatmap"] = None if overlay is None else f"{API}/report/{report_id}/heatmap.png"
         self.reports.put(report_id, StoredReport(copy.deepcopy(record), analysis.radiograph, overlay, heatmap_png))
-        log.info("predict %s: %s %dx%d, bone age %.1f months", report_id, meta.format, meta.width, meta.height,
-                 record["bone_age_months"])
+        image = record["image"]
+        log.info("predict %s: %s %dx%d, bone age %.1f months", report_id, image["format"], image["width"],
+                 image["height"], record["bone_age_months"])
         return {
             **record,
             "report_id": report_id,
@@ -273,3 +282,10 @@ class Service:
             raise ApiError(404, f"report {report_id!r} not found: the server keeps only the last "
                                 f"{self.reports.capacity} reports; analyse the image again")
         return stored
+
+
+def _api_message(record: dict[str, Any]) -> str:
+    """The 422 message of an upload that was not analysed, as the API has always worded it."""
+    prefix = {"unusable image": "unusable image: ", "out of distribution": "unusable image: ",
+              "unreadable": "unreadable image: "}.get(record["reason"], "")
+    return prefix + str(record["error"])
