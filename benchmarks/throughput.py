@@ -4,7 +4,7 @@ Each configuration runs in its own subprocess (so its peak resident memory is it
 radiographs, writing every report to a temporary folder, with test-time augmentation off:
 
 - ``per-file``: ``predict_file`` one file after another (what ``boneage predict`` did before batching);
-- ``batched, workers 0`` / ``batched, workers 2``: ``predict_many`` (``--batch-size 16``, ``--workers W``);
+- ``batched, workers 0`` / ``batched, workers 2``: ``run_predict`` (``--batch-size 16``, ``--workers W``);
 
 for ONNX Runtime with Grad-CAM off (the issue's target: batched >= 3x per-file), then PyTorch, and PyTorch with
 Grad-CAM on. Writes ``results/throughput.json``::
@@ -39,19 +39,23 @@ CONFIGS = [  # (name, runtime, mode, workers, heatmap)
 def one(checkpoint: str, runtime: str, mode: str, workers: int, heatmap: bool, files: list[str], device: str = "cpu",
         precision: str = "fp32") -> dict:
     """Child process: time one configuration."""
-    from boneage.inference.batch import load_predictor, predict_file, predict_many, unique_stems
+    from boneage.inference.batch import PredictOptions, load_predictor, predict_file, run_predict
+    from boneage.report.writers import read_table
 
     paths = [Path(f) for f in files]
-    predictor = load_predictor([checkpoint], runtime=runtime, tta=False, device=device,
-                               precision=precision if runtime == "torch" else "fp32")
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         if mode == "per-file":
-            records = [predict_file(predictor, p, sex="F", out_dir=out, stem=s, heatmap=heatmap)
-                       for p, s in zip(paths, unique_stems(paths))]
+            predictor = load_predictor([checkpoint], runtime=runtime, tta=False, device=device,
+                                       precision=precision if runtime == "torch" else "fp32")
+            records = [predict_file(predictor, p, sex="F", out_dir=out, heatmap=heatmap) for p in paths]
         else:
-            records = predict_many(predictor, paths, out_dir=out, sex="F", heatmap=heatmap, batch_size=16,
-                                   workers=workers)
+            run_predict(PredictOptions(paths=files, checkpoints=[checkpoint], sex="F", out=out, tta=False,
+                                       heatmap=heatmap, batch_size=16, workers=workers, runtime=runtime,
+                                       device=device, precision=precision if runtime == "torch" else "fp32"))
+            records = [r for r in read_table(Path(out) / "predictions.csv") if r["status"] != "skipped"]
+            for r in records:
+                r["error"] = r["error"] or None
         wall = time.perf_counter() - start
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"files": len(records), "failed": sum(r["error"] is not None for r in records), "wall_s": round(wall, 1),

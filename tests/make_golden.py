@@ -43,7 +43,7 @@ def checkpoints(folder: Path) -> list[Path]:
 def main() -> None:
     import tempfile
 
-    from boneage.inference.batch import load_predictor, predict_file
+    from boneage.inference.batch import load_predictor
     from boneage.io import read_image
     from boneage.inference.analysis import predict_array
 

@@ -114,10 +114,10 @@ def test_the_base_install_predicts_a_phantom(fresh_venv, tmp_path, runtime):
     done = _run(fresh_venv, boneage, "predict", "phantoms/images", "--checkpoint", str(checkpoint),
                 "--runtime", runtime, "--sex", "F", "--chronological-age", "10y", "--out", "reports", cwd=tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
-    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "reports").glob("*.json"))]
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "reports").rglob("*.json"))]
     assert len(records) == 2 and all(r["error"] is None and 0 < r["bone_age_months"] < 240 for r in records)
     assert (tmp_path / "reports" / "predictions.csv").is_file()
-    assert not list((tmp_path / "reports").glob("*_heatmap.png"))
+    assert not list((tmp_path / "reports").rglob("*_heatmap.png"))
     notes = [line for line in done.stderr.splitlines() if "Grad-CAM" in line]
     assert len(notes) == 1, done.stderr  # one line for the whole run, not a failure per file
     assert ("grad-cam package is not installed" if runtime == "torch" else "--runtime onnx") in notes[0]

@@ -97,6 +97,7 @@ def test_the_actor_sends_records_and_pictures_back_as_the_pipeline_makes_them(ch
         if analysis is None:
             assert picture is None
         else:
+            assert picture is not None and analysis.radiograph is not None
             assert picture.dtype == np.uint8 and np.array_equal(picture, analysis.radiograph)
         assert ray_engine.decode_png(out["heatmap_png"][k]) is None
 

@@ -23,7 +23,7 @@ from boneage.report.writers import (EXTRA_COLUMNS, DoneSet, default_columns, ope
 def _record(i: int, **fields) -> dict:
     """An analysed image's record with the archive columns (the HTML page renders it)."""
     r = empty_record(f"p{i}/{i}.png")
-    r.update( file_size=1000 + i, file_mtime_ns=1_700_000_000_000_000_000 + i, status="ok",
+    r.update(file_size=1000 + i, file_mtime_ns=1_700_000_000_000_000_000 + i, status="ok",
              reason=None, instance=f"inst{i}", report=f"reports/ab/{i}-0123", bone_age_months=100.0 + i,
              bone_age_text="8 y 4 m", bone_age_interval_months=[90.0 + i, 110.0 + i], interval_level=0.9,
              interval_method="split conformal", sex="F", sex_source="cli", models=["a.pt", "b.pt"],

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -105,8 +106,12 @@ class PredictOptions:
             ood_check=self.ood_check, header_check=self.header_check, key=key)
 
     def worker_count(self) -> int:
-        """``workers``, with -1 (auto) as one process per CPU left beside the model's (0 on one CPU)."""
-        return max(0, min(4, cpu_count() - 1)) if self.workers == -1 else self.workers
+        """``workers``, with -1 (auto) as one process per CPU left beside the model's (0 on one CPU, and for a
+        few files given by name, where starting the processes would cost more than it saves)."""
+        if self.workers != -1:
+            return self.workers
+        few = len(self.paths) <= self.batch_size and all(Path(p).is_file() for p in self.paths)
+        return 0 if few else max(0, min(4, cpu_count() - 1))
 
 
 def check_out_dir(out: str | Path) -> Path:
@@ -137,13 +142,21 @@ def skipped_record(skip: Skipped, options: AnalysisOptions) -> dict[str, Any]:
 class Run:
     """What one ``predict`` run counts and shows: rows by status and reason, the console rows, progress."""
 
-    def __init__(self, label: str) -> None:
+    def __init__(self, label: str, paths: Sequence[str] = (), recursive: bool = False) -> None:
         self.counts: Counter[str] = Counter()
         self.reasons: Counter[tuple[str, str]] = Counter()
         self.shown: list[dict[str, Any]] = []
         self.more = 0
         self.start = self.last = time.monotonic()
         self.bar = _progress(label)
+        if self.bar is not None and paths:  # the total, for the ETA: a second listing, in the background
+            threading.Thread(target=self._count, args=(list(paths), recursive), daemon=True).start()
+
+    def _count(self, paths: list[str], recursive: bool) -> None:
+        total = sum(1 for _ in open_sources(paths, recursive=recursive))
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.refresh()
 
     def add(self, record: dict[str, Any]) -> None:
         status = record.get("status") or ("failed" if record.get("error") else "ok")
@@ -165,6 +178,12 @@ class Run:
             self.last = time.monotonic()
             done = sum(self.counts.values())
             log.info("progress: %d rows (%s), %.1f files/s", done, self.summary(), done / (self.last - self.start))
+
+    def resumed(self) -> None:
+        """An input already in the table: counted, not scored again."""
+        self.counts["resumed"] += 1
+        if self.bar is not None:
+            self.bar.update(1)
 
     def summary(self) -> str:
         parts = []
@@ -195,9 +214,10 @@ def run_predict(options: PredictOptions) -> int:
     if out is not None:
         from boneage.report.writers import open_table
 
-        table = open_table(out, o.table, CSV_COLUMNS + (ID_COLUMNS if o.keep_identifiers else ()))
+        columns = CSV_COLUMNS + (ID_COLUMNS if o.keep_identifiers else ())
+        table = open_table(out, "parquet" if o.table == "parquet" else "csv", columns)
     done = table.done() if table is not None else None
-    run = Run("boneage predict")
+    run = Run("boneage predict", o.paths, o.recursive)
     pending = _inputs(o, analysis_options, done, run, table)
     first = next(pending, None)
     if first is None:
@@ -231,8 +251,8 @@ def run_predict(options: PredictOptions) -> int:
         if table is not None:
             table.close()
     if run.shown:
-        print(format_table(run.shown) + (f"\n... and {run.more} more rows in {table.path}" if run.more and table
-                                           else f"\n... and {run.more} more rows" if run.more else ""))
+        where = f" in {table.path}" if table is not None else ""
+        print(format_table(run.shown) + (f"\n... and {run.more} more rows{where}" if run.more else ""))
     print(f"model: {label}; research use only, not a certified medical device")
     rate = sum(run.counts[s] for s in ("ok", "failed", "refused")) / max(1e-9, time.monotonic() - run.start)
     print(f"boneage predict: {run.summary()} in {time.monotonic() - run.start:.0f} s ({rate:.1f} files/s)"
@@ -257,7 +277,7 @@ def _inputs(o: PredictOptions, options: AnalysisOptions, done: Any, run: Run, ta
     for entry in open_sources(list(o.paths), recursive=o.recursive):
         if isinstance(entry, Skipped):
             if done is not None and (row_key(entry.key, options), None, None) in done:
-                run.counts["resumed"] += 1
+                run.resumed()
                 continue
             record = skipped_record(entry, options)
             run.add(record)
@@ -265,7 +285,7 @@ def _inputs(o: PredictOptions, options: AnalysisOptions, done: Any, run: Run, ta
                 table.append([record])
             continue
         if done is not None and (row_key(entry.key, options), entry.size, entry.mtime_ns) in done:
-            run.counts["resumed"] += 1
+            run.resumed()
             continue
         yield entry
 
@@ -336,8 +356,8 @@ def predict_file(predictor: Ensemble, path: str | Path, *, sex: str | None = Non
 
 
 def _progress(label: str) -> Any:
-    """A tqdm bar (rate, count; no total: the inputs stream) on stderr for a person at a terminal; None elsewhere
-    (logs, CI, pipes, platform jobs: a progress line every ``PROGRESS_EVERY_S`` instead)."""
+    """A tqdm bar (count and rate; the ETA once a background listing has counted the inputs) on stderr for a person
+    at a terminal; None elsewhere (logs, CI, pipes, platform jobs: a progress line every ``PROGRESS_EVERY_S``)."""
     import sys
 
     if not sys.stderr.isatty() or not log.isEnabledFor(logging.INFO):

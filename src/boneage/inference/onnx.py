@@ -6,7 +6,8 @@ each sex; the same values twice for models without a sex input; the target mean/
 they are already in months) and ``features`` float32 [N, F], the last feature map's channel statistics that the
 out-of-distribution gate scores (``boneage.inference.ood``). One session run gives everything an image needs; the
 head is a small MLP, so running it for both sexes costs next to nothing. Exports written before boneage 0.3 (inputs
-``image``/``male``, output ``months``) are refused with a request to export again. The batch size N is dynamic; S is the checkpoint's ``preprocess.size``. The file's
+``image``/``male``, output ``months``) are refused with a request to export again. The batch size N is dynamic;
+S is the checkpoint's ``preprocess.size``. The file's
 ``metadata_props`` carry what inference needs without torch (all values are strings, JSON where structured):
 
 ``boneage.config`` (the whole run config), ``boneage.preprocess``, ``boneage.augment``,
@@ -67,13 +68,14 @@ def export_onnx(checkpoint: str | Path, out: str | Path | None = None, opset: in
 
         def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             # features: what the out-of-distribution gate scores, from the same encoder pass
-            pooled, features = self.model.encode(image)  # type: ignore[operator]
+            net: Any = self.model
+            pooled, features = net.encode(image)
             if not cfg.model.sex_input:
-                out = self.model.head(pooled, None) * std + mean
+                out = net.head(pooled, None) * std + mean
                 return out, out.clone(), features
             ones = torch.ones(image.shape[0], dtype=pooled.dtype, device=pooled.device)
-            male = self.model.head(pooled, ones) * std + mean
-            female = self.model.head(pooled, ones * 0) * std + mean
+            male = net.head(pooled, ones) * std + mean
+            female = net.head(pooled, ones * 0) * std + mean
             return male, female, features
 
     size = cfg.preprocess.size
@@ -146,6 +148,7 @@ class OnnxMember:
     def gate(self) -> FeatureGate | None:
         text = self.metadata.get("ood", "")
         return FeatureGate.from_state(json.loads(text)) if text else None
+
 
 class OnnxPredictor(Ensemble):
     """The ``Predictor`` interface on ONNX Runtime: same preprocessing, TTA and ensembling, no torch."""

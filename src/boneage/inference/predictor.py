@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from boneage.errors import CheckpointError
 from boneage.inference.conformal import Calibration
 from boneage.inference.ensemble import Ensemble, ViewOutputs, eval_batches
 from boneage.inference.ood import FeatureGate
+from boneage.models.heads import BoneAgeNet
 from boneage.transforms import build_transforms
 
 
@@ -86,7 +87,7 @@ class Predictor(Ensemble):
     def run_views(self, member: Member, x: np.ndarray, male: np.ndarray) -> ViewOutputs:
         """Normalised views [B, 1, S, S]: the encoder once, the head once for the rows whose sex is known (or for
         all rows of a model without a sex input) and once per sex for the others; months, not normalised ages."""
-        model = member.model
+        model = cast(BoneAgeNet, member.model)
         with autocast(self.device, self.precision):
             pooled, features = model.encode(torch.from_numpy(x).to(self.device))
             first = torch.empty(len(x), device=self.device)

@@ -14,12 +14,11 @@ from collections import deque
 from itertools import islice
 from typing import Any, Iterable, Iterator, Sequence
 
-from boneage.inference.analysis import Pending
-from boneage.inference.pipeline import AnalysisOptions, Failure, Pipeline, prepare_item
+from boneage.inference.pipeline import AnalysisOptions, Pipeline, prepare_item
 from boneage.inference.sources import SourceItem
 
 PREFETCH_BATCHES = 2
-Prepared = list[tuple[SourceItem, "Pending | Failure"]]
+Prepared = list[tuple[SourceItem, Any]]  # (input, analysis.Pending or pipeline.Failure)
 
 
 def _prepare_chunk(args: tuple[list[SourceItem], Sequence[Any], AnalysisOptions]) -> Prepared:
@@ -41,8 +40,8 @@ def prepared_batches(items: Iterable[SourceItem], configs: Sequence[Any], option
     """Batches of (input, prepared image or failure), in input order."""
     source = iter(items)
     if workers <= 0:
-        while batch := list(islice(source, batch_size)):
-            yield _prepare_chunk((batch, configs, options))
+        while todo := list(islice(source, batch_size)):
+            yield _prepare_chunk((todo, configs, options))
         return
     chunk = max(1, min(8, batch_size // (2 * workers)))
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:

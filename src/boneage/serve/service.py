@@ -246,9 +246,10 @@ class Service:
                 _sniff(Path(name), head)  # the format check read_image makes, under the upload's name
             except ImageReadError as exc:
                 raise ApiError(415, f"unsupported file type: {exc}") from exc
-            options = dataclasses.replace(
-                self.pipeline.options, right_hand=True if right_hand else None, heatmap=self.cam_predictor is not None,
-                **dict(zip(("sex", "chronological_age"), parse_request(sex, chronological_age))))
+            sex_code, ca = parse_request(sex, chronological_age)
+            options = dataclasses.replace(self.pipeline.options, sex=sex_code, chronological_age=ca,
+                                          right_hand=True if right_hand else None,
+                                          heatmap=self.cam_predictor is not None)
             item = dataclasses.replace(upload_item(name, b""), path=path, size=size)
             prepared = prepare_item(item, self.pipeline.configs, options)
             if not isinstance(prepared, Pending):
@@ -260,7 +261,9 @@ class Service:
         heatmap_png = None if overlay is None else fast_png(overlay)
         report_id = uuid.uuid4().hex
         record["heatmap"] = None if overlay is None else f"{API}/report/{report_id}/heatmap.png"
-        self.reports.put(report_id, StoredReport(copy.deepcopy(record), analysis.radiograph, overlay, heatmap_png))
+        radiograph = analysis.radiograph
+        assert radiograph is not None  # the service's pipeline keeps it (AnalysisOptions.display)
+        self.reports.put(report_id, StoredReport(copy.deepcopy(record), radiograph, overlay, heatmap_png))
         image = record["image"]
         log.info("predict %s: %s %dx%d, bone age %.1f months", report_id, image["format"], image["width"],
                  image["height"], record["bone_age_months"])
