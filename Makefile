@@ -100,9 +100,17 @@ JUPYTER_JOB ?= jupyter-$(PROJECT)
 TENSORBOARD_JOB ?= tensorboard-$(PROJECT)
 # Name of the File Browser job.
 FILEBROWSER_JOB ?= filebrowser-$(PROJECT)
+# Name of the Ray head job (make ray-head); other jobs reach it at its internal hostname.
+RAY_HEAD_JOB ?= ray-head-$(PROJECT)
+# Name prefix of the Ray worker jobs: $(RAY_WORKER_JOB)-1 ... $(RAY_WORKER_JOB)-$(RAY_WORKERS).
+RAY_WORKER_JOB ?= ray-worker-$(PROJECT)
+# Name of the `boneage predict --engine ray` driver job of make predict-archive.
+PREDICT_ARCHIVE_JOB ?= predict-archive-$(PROJECT)
 # Tag put on every job; `make ps` and `make kill` act on the jobs carrying it
 # (apolo-flow tags its jobs project:<id> too).
 JOB_TAG ?= project:$(PROJECT)
+# Second tag of the Ray head and workers; `make ray-kill` terminates the jobs carrying it.
+RAY_TAG ?= ray-cluster:$(PROJECT)
 
 ##### RESOURCES #####
 
@@ -132,6 +140,17 @@ SETUP_LIFE_SPAN ?= 4h
 HTTP_AUTH ?= --http-auth
 # Global apolo options for the slow `job save` call of `make setup`.
 SAVE_OPTIONS ?= --network-timeout 300
+# Preset of the Ray head job (Ray also runs predictor actors on its CPUs).
+RAY_PRESET ?= cpu-small
+# Preset of each Ray worker job (with a GPU preset, Ray gives each worker's GPUs to the predictor actors).
+RAY_WORKER_PRESET ?= gpu-small
+# Number of Ray worker jobs `make ray-workers` starts.
+RAY_WORKERS ?= 2
+# Preset of the predict-archive driver job (it joins the cluster with no CPUs or GPUs of its own:
+# it lists the archive and writes the table).
+PREDICT_PRESET ?= cpu-small
+# Run-time limit of the Ray head, worker and driver jobs ('0' disables it).
+RAY_LIFE_SPAN ?= 1d
 
 ##### TRAINING #####
 
@@ -143,6 +162,29 @@ RUN_NAME ?= $(basename $(notdir $(CONFIG)))
 DDP_RUN_NAME ?= $(RUN_NAME)-ddp
 # Extra arguments appended to `boneage train` (section.key=value overrides, --cache-dir DIR, ...).
 TRAIN_EXTRA ?=
+
+##### RAY CLUSTER (make ray-head, ray-workers, predict-archive) #####
+
+# Port of the Ray head (its GCS) that the workers and the driver connect to.
+RAY_PORT ?= 6379
+# Internal hostname of the Ray head; empty = the "Internal Hostname Named" of `apolo status RAY_HEAD_JOB`.
+RAY_HEAD_HOST ?=
+# Ray that every Ray job installs at start when the image has none (the [distributed] extra, pinned:
+# the head, the workers and the driver must run the same Ray).
+RAY_PACKAGE ?= ray[data]==2.60.0
+# Apolo secret with the cluster's Ray auth token (make ray-head stores a new random one; every Ray job gets it).
+RAY_TOKEN_SECRET ?= ray-token-$(PROJECT)
+# Storage folder predict-archive scores (recursively); the head, the workers and the driver all mount it
+# read-only at ARCHIVE_MOUNT, so start them with the same ARCHIVE.
+ARCHIVE ?= $(DATA_STORAGE)/$(IMAGES_SUBDIR)
+# Where the Ray jobs mount ARCHIVE.
+ARCHIVE_MOUNT ?= $(PROJECT_MOUNT)/archive
+# Checkpoint predict-archive scores with, as a path inside the jobs (every Ray job mounts the results).
+PREDICT_CHECKPOINT ?= $(RESULTS_MOUNT)/$(RUN_NAME)/best.pt
+# Output folder of predict-archive under the results folder (its table; rerunning resumes it).
+PREDICT_OUT ?= predictions
+# Extra arguments appended to the driver's `boneage predict` (--table parquet, --no-tta, ...; no single quotes).
+PREDICT_EXTRA ?=
 
 ##### LOCAL #####
 
@@ -203,6 +245,62 @@ $(APOLO) run \
 		--resume \
 		$(4) $(TRAIN_EXTRA)
 endef
+
+# Internal: the Ray cluster of `boneage predict --engine ray` as platform jobs, the way Apolo's own guide runs
+# one (github.com/neuro-inc/apolo-documentation, use-cases/llms/deepseek-r1-model-deployment.md: a named head
+# job `ray start --head --port=6379 --block`, workers `ray start --address=<head>:6379 --block`, where <head>
+# is the "Internal Hostname Named" row of `apolo status <head job>`, e.g. ray-head--0e1436ea6a.platform-jobs,
+# or `inspect_job(...).internal_hostname_named` in apolo-flow). Jobs reach each other on any port of that
+# hostname: no `apolo run` option is needed (--http-port only publishes one HTTP port through the platform's
+# ingress); the platform gives every job a headless Service, and its integration tests connect a job to another
+# job's undeclared port (github.com/neuro-inc/platform-api, tests/integration/test_kube_orchestrator.py,
+# test_job_check_dns_hostname_undeclared_port and test_named_job_check_dns_hostname).
+#
+# $(call _RAY_RUN,JOB NAME,PRESET,mode of the results volume,extra apolo options,bash script): every Ray job
+# runs the project image with the code, data, ARCHIVE and results mounted, never restarts (a dead head must not
+# loop; rerunning predict-archive resumes its table), carries the cluster's auth token from the Apolo secret
+# RAY_TOKEN_SECRET (other jobs on the cluster's network cannot join or submit work), sends Ray no usage
+# statistics, and first installs RAY_PACKAGE when the image has no Ray.
+define _RAY_RUN
+$(APOLO) run \
+	--name $(1) \
+	--preset $(2) \
+	--detach \
+	--restart never \
+	--life-span $(RAY_LIFE_SPAN) \
+	--tag $(JOB_TAG) \
+	$(4) \
+	--volume $(CODE_STORAGE):$(CODE_MOUNT):ro \
+	--volume $(DATA_STORAGE):$(DATA_MOUNT):ro \
+	--volume $(ARCHIVE):$(ARCHIVE_MOUNT):ro \
+	--volume $(RESULTS_STORAGE):$(RESULTS_MOUNT):$(3) \
+	--env PYTHONPATH=$(CODE_MOUNT) \
+	--env RAY_AUTH_MODE=token \
+	--env RAY_AUTH_TOKEN=secret:$(RAY_TOKEN_SECRET) \
+	--env RAY_USAGE_STATS_ENABLED=0 \
+	--workdir $(PROJECT_MOUNT) \
+	$(CUSTOM_ENV) \
+	-- bash -c 'set -e; python -c "import ray.data" 2>/dev/null || python -m pip install --progress-bar=off --no-cache-dir "$(RAY_PACKAGE)"; $(5)'
+endef
+# Internal: the job scripts. A worker or the driver first waits (up to 30 minutes) for the head's port, then
+# joins the cluster: the driver as a node with no CPUs or GPUs, because Ray runs a driver that connects by
+# address (`--ray-address auto` after `ray start`) only on a node of the cluster; the Ray Client alternative
+# (ray://HEAD:10001) needs the ray[client] extra and is meant for interactive shells (docs.ray.io, "Ray Client").
+_RAY_WAIT = for i in $$(seq 360); do (exec 3<>"/dev/tcp/$${RAY_HEAD_ADDRESS/://}") 2>/dev/null && break; sleep 5; done
+_RAY_HEAD_SCRIPT = ray start --head --port=$(RAY_PORT) --dashboard-host=0.0.0.0 --block
+_RAY_WORKER_SCRIPT = $(_RAY_WAIT); ray start --address="$$RAY_HEAD_ADDRESS" --block
+_RAY_DRIVER_SCRIPT = $(_RAY_WAIT); ray start --address="$$RAY_HEAD_ADDRESS" --num-cpus=0 --num-gpus=0; rc=0; \
+	boneage predict $(ARCHIVE_MOUNT) --recursive --checkpoint $(PREDICT_CHECKPOINT) --engine ray --ray-address auto \
+	--reports none --out $(RESULTS_MOUNT)/$(PREDICT_OUT) $(PREDICT_EXTRA) || rc=$$?; ray stop || true; exit $$rc
+# Internal: prints HOST:PORT of the head: RAY_HEAD_HOST, else the head job's "Internal Hostname Named" (`apolo
+# status` piped prints 2048 columns wide, so nothing is cropped); fails unless the head job is pending or running.
+_RAY_HEAD_LOOKUP = if [ -n "$(RAY_HEAD_HOST)" ]; then echo "$(RAY_HEAD_HOST):$(RAY_PORT)"; exit 0; fi; \
+	status="$$($(APOLO) status $(RAY_HEAD_JOB))" || exit 1; \
+	state="$$(echo "$$status" | awk '$$1 == "Status" { print $$2; exit }')"; \
+	host="$$(echo "$$status" | awk '$$1 == "Internal" && $$2 == "Hostname" && $$3 == "Named" { print $$4; exit }')"; \
+	case "$$state" in pending|running) ;; *) echo "The Ray head job $(RAY_HEAD_JOB) is $${state:-unknown}: run make ray-head first." >&2; exit 1;; esac; \
+	test -n "$$host" || { echo "apolo status $(RAY_HEAD_JOB) shows no Internal Hostname Named: pass RAY_HEAD_HOST=..." >&2; exit 1; }; \
+	echo "$$host:$(RAY_PORT)"
 
 # Internal: marks that `$(PIP) install -e '.[dev]'` ran for the Python environment PYTHON resolves to now (one
 # stamp per interpreter path, so a new venv gets its own install); `make clean-local` removes the stamps.
@@ -434,6 +532,45 @@ kill: ## Terminate all of this project's jobs (every running or pending job tagg
 	@ids="$$($(APOLO) -q ps --tag $(JOB_TAG))" || exit 1; \
 	if [ -n "$$ids" ]; then echo "$(APOLO) kill" $$ids; $(APOLO) kill $$ids; \
 	else echo "No running or pending jobs tagged $(JOB_TAG)."; fi
+
+##@ Platform: Ray cluster (boneage predict --engine ray; see docs/platform.md)
+
+.PHONY: ray-head
+ray-head: upload-code ## Start the Ray head job RAY_HEAD_JOB on RAY_PRESET (a new auth token in RAY_TOKEN_SECRET)
+	@state="$$($(APOLO) status $(RAY_HEAD_JOB) 2>/dev/null | awk '$$1 == "Status" { print $$2; exit }')"; \
+	case "$$state" in pending|running) echo "The Ray head job $(RAY_HEAD_JOB) is already $$state (a new token would \
+	lock its new workers out): make ray-kill first." >&2; exit 1;; esac; \
+	umask 077; token="$$(mktemp)" || exit 1; trap 'rm -f "$$token"' EXIT; \
+	od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$$token" && test -s "$$token" || exit 1; \
+	echo "$(APOLO) secret add $(RAY_TOKEN_SECRET) @<a new random token>"; \
+	$(APOLO) secret add $(RAY_TOKEN_SECRET) "@$$token"
+	$(call _RAY_RUN,$(RAY_HEAD_JOB),$(RAY_PRESET),ro,--tag $(RAY_TAG),$(_RAY_HEAD_SCRIPT))
+	@echo "Next: make ray-workers RAY_WORKERS=N, then make predict-archive ARCHIVE=storage:... (the same ARCHIVE)."
+
+.PHONY: ray-workers
+ray-workers: ## Start RAY_WORKERS Ray worker jobs on RAY_WORKER_PRESET that join the RAY_HEAD_JOB cluster
+	@case "$(RAY_WORKERS)" in ''|*[!0-9]*|0) echo "RAY_WORKERS=$(RAY_WORKERS) is no positive number" >&2; exit 1;; esac; \
+	addr="$$($(_RAY_HEAD_LOOKUP))" || exit 1; \
+	echo "Ray head: $$addr"; \
+	for i in $$(seq 1 $(RAY_WORKERS)); do \
+		echo "$(APOLO) run --name $(RAY_WORKER_JOB)-$$i ... $(CUSTOM_ENV) -- ... ray start --address=$$addr --block"; \
+		$(call _RAY_RUN,$(RAY_WORKER_JOB)-$$i,$(RAY_WORKER_PRESET),ro,--tag $(RAY_TAG) --env RAY_HEAD_ADDRESS=$$addr,$(_RAY_WORKER_SCRIPT)) \
+		|| exit 1; \
+	done
+
+.PHONY: predict-archive
+predict-archive: ## Score ARCHIVE with PREDICT_CHECKPOINT on the Ray cluster (a driver job) into RESULTS_STORAGE/PREDICT_OUT
+	@addr="$$($(_RAY_HEAD_LOOKUP))" || exit 1; \
+	echo "Ray head: $$addr"; \
+	echo "$(APOLO) run --name $(PREDICT_ARCHIVE_JOB) ... -- ... boneage predict $(ARCHIVE_MOUNT) --engine ray ..."; \
+	$(call _RAY_RUN,$(PREDICT_ARCHIVE_JOB),$(PREDICT_PRESET),rw,--env RAY_HEAD_ADDRESS=$$addr,$(_RAY_DRIVER_SCRIPT))
+	@echo "Follow it with: $(APOLO) logs $(PREDICT_ARCHIVE_JOB); the table lands in $(RESULTS_STORAGE)/$(PREDICT_OUT)"
+
+.PHONY: ray-kill
+ray-kill: ## Terminate the Ray head and workers (every running or pending job tagged RAY_TAG)
+	@ids="$$($(APOLO) -q ps --tag $(RAY_TAG))" || exit 1; \
+	if [ -n "$$ids" ]; then echo "$(APOLO) kill" $$ids; $(APOLO) kill $$ids; \
+	else echo "No running or pending jobs tagged $(RAY_TAG)."; fi
 
 ##@ Local
 

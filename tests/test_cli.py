@@ -93,7 +93,8 @@ def test_predict_hands_one_typed_options_object_to_the_runner(monkeypatch):
         paths=["a.png", "b/"], checkpoints=["m.onnx"], sex="F", chronological_age="9y3m", out=None, tta=False,
         heatmap=False, interval_level=0.8, right_hand=True, ood_check=False, batch_size=4, workers=2,
         device="cpu", precision="fp32", keep_identifiers=True, runtime="onnx", header_check=True, recursive=False,
-        table="csv", reports="all", pseudonym_key=None, engine="local", ray_address=None)
+        table="csv", reports="all", pseudonym_key=None, engine="local", ray_address=None, dicom_out=None,
+        dicomweb=None, study=None, since=None, store=False)
     defaults = cli._options(PredictOptions, build_parser().parse_args(["predict", "x.png", "--checkpoint", "m.pt"]),
                             checkpoints=["m.pt"])
     assert dataclasses.asdict(defaults) == dataclasses.asdict(PredictOptions(paths=["x.png"], checkpoints=["m.pt"]))

@@ -1299,3 +1299,271 @@ def test_flow_train_commands_parse_with_the_boneage_cli():
     for job_id in ("train", "train_ddp"):
         ns = _parse_boneage(parse_apolo(runs[job_id][1:]).command)
         assert ns.resume is True and (ns.engine == "ddp") == (job_id == "train_ddp")
+
+
+# --------------------------------------------------------------------------------------
+# The Ray cluster targets: ray-head, ray-workers, predict-archive, ray-kill
+# --------------------------------------------------------------------------------------
+
+RAY_TAG = "ray-cluster:boneage"
+# What `apolo status` shows as "Internal Hostname Named" (Apolo's guide: ray-head--0e1436ea6a.platform-jobs);
+# longer than an 80-column table cell on purpose: apolo prints piped output 2048 columns wide, nothing cropped.
+HEAD_HOST = "ray-head-boneage--0e1436ea6a.project--an-org--a-project-with-a-rather-long-name--0e1436ea6a"
+
+
+def _apolo_status_text(name: str, host: str | None, status: str = "running") -> str:
+    """`apolo status NAME` as the installed apolo CLI prints it into a pipe (its own JobStatusFormatter, and the
+    console apolo's Root makes when stdout is no terminal: 2048 columns, no colour)."""
+    pytest.importorskip("apolo_cli")
+    from datetime import datetime, timezone
+    from decimal import Decimal
+
+    from apolo_cli.formatters.jobs import JobStatusFormatter
+    from apolo_cli.formatters.utils import get_datetime_formatter, uri_formatter
+    from apolo_sdk import (Container, JobDescription, JobRestartPolicy, JobStatus, JobStatusHistory, RemoteImage,
+                           Resources)
+    from rich.console import Console
+    from yarl import URL
+
+    now = datetime.now(timezone.utc)
+    job_id = "job-324eab93-5fec-4cf6-bda5-3b6c701162bb"
+    job = JobDescription(
+        id=job_id, owner="alice", cluster_name="default", org_name=None, project_name="alice", namespace="",
+        status=JobStatus(status), history=JobStatusHistory(
+            status=JobStatus(status), reason="", description="", created_at=now, started_at=now,
+            finished_at=now if JobStatus(status).is_finished else None),
+        container=Container(image=RemoteImage.new_external_image(name="python", tag="3.11"),
+                            resources=Resources(memory=2**30, cpu=1.0), command="bash -c 'ray start --head'"),
+        scheduler_enabled=False, pass_config=False, uri=URL(f"job://default/alice/{job_id}"),
+        total_price_credits=Decimal(0), price_credits_per_hour=Decimal(0), name=name, tags=(TAG, RAY_TAG),
+        internal_hostname=f"{job_id}.platform-jobs", internal_hostname_named=host,
+        restart_policy=JobRestartPolicy.NEVER, life_span=86400.0, preset_name="cpu-small")
+    formatter = JobStatusFormatter(uri_formatter=uri_formatter(project_name="alice", cluster_name="default",
+                                                               org_name=None),
+                                   datetime_formatter=get_datetime_formatter(False))
+    out = io.StringIO()
+    Console(file=out, color_system=None, force_terminal=False, highlight=False, log_path=False,
+            width=2048).print(formatter(job))
+    return out.getvalue()
+
+
+@pytest.fixture
+def ray_fake(fake, tmp_path):
+    """The fake apolo, plus: `apolo status` prints tmp_path/status.txt (when there is one), and `apolo secret add
+    KEY @FILE` keeps a copy of FILE in tmp_path/secret.txt (the Makefile deletes FILE)."""
+    status, secret = tmp_path / "status.txt", tmp_path / "secret.txt"
+    wrapper = tmp_path / "bin" / "apolo"
+    wrapper.write_text(
+        f'#!/bin/sh\nFAKE_APOLO_PROG=apolo "{sys.executable}" "{FAKE_APOLO}" "$@" || exit $?\n'
+        f'case "$1" in\n  status) if [ -f "{status}" ]; then cat "{status}"; fi ;;\n'
+        f'  secret) cp "${{4#@}}" "{secret}" ;;\nesac\n')
+    fake.status_file, fake.secret_file = status, secret
+
+    def head(status_text: str | None) -> None:
+        if status_text is None:
+            status.unlink(missing_ok=True)
+        else:
+            status.write_text(status_text)
+
+    fake.set_head = head
+    return fake
+
+
+def _bash_script(run: ApoloCall) -> str:
+    """The script of a Ray job (`bash -c SCRIPT`); bash itself finds it well-formed."""
+    assert run.command[:2] == ["bash", "-c"] and len(run.command) == 3, run.command
+    script = run.command[2]
+    proc = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, (script, proc.stderr)
+    return script
+
+
+def _script_steps(script: str) -> list[list[str]]:
+    """The script's simple commands (split at ; && ||), each split like the shell would."""
+    return [shlex.split(step) for step in re.split(r";|&&|\|\|", script) if step.strip()]
+
+
+def _assert_ray_job(run: ApoloCall, results_mode: str, archive: str = f"{STORAGE}/data/images") -> dict[str, str]:
+    """What every Ray job shares; returns its environment."""
+    assert run.path == ("run",) and run.flag("--detach") and run.image == IMAGE
+    assert run.value("--restart") == "never"  # a dead head, worker or driver must not loop
+    assert parse_duration(run.value("--life-span")) == 86400
+    assert TAG in run.values("--tag")  # make ps / make kill see them too
+    assert run.volumes() == {
+        "/boneage/src": VolumeSpec(f"{STORAGE}/src", "/boneage/src", "ro"),
+        "/boneage/data": VolumeSpec(f"{STORAGE}/data", "/boneage/data", "ro"),
+        "/boneage/archive": VolumeSpec(archive, "/boneage/archive", "ro"),
+        "/boneage/results": VolumeSpec(f"{STORAGE}/results", "/boneage/results", results_mode),
+    }
+    assert run.value("--workdir") == "/boneage"
+    env = run.env()
+    assert env["PYTHONPATH"] == "/boneage/src" and env["RAY_USAGE_STATS_ENABLED"] == "0"
+    # The cluster is closed: every job carries the token of the Apolo secret ray-head wrote.
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == "secret:ray-token-boneage"
+    script = _bash_script(run)
+    assert script.startswith("set -e; ") and '"ray[data]==2.60.0"' in script  # Ray, when the image has none
+    return env
+
+
+def test_ray_targets_use_only_real_apolo_options(ray_fake):
+    ray_fake.set_head(_apolo_status_text("ray-head-boneage", HEAD_HOST))
+    seen: set[tuple[str, ...]] = set()
+    for args in [("ray-workers", "RAY_WORKERS=3"), ("predict-archive",), ("ray-kill",)]:
+        ray_fake.make(*args, FAKE_APOLO_PS_IDS="job-1 job-2")
+        seen.update(c.path for c in ray_fake.parsed())
+    ray_fake.set_head(_apolo_status_text("ray-head-boneage", HEAD_HOST, "cancelled"))
+    ray_fake.make("ray-head")
+    seen.update(c.path for c in ray_fake.parsed())
+    assert {("run",), ("status",), ("secret", "add"), ("ps",), ("kill",)} <= seen
+
+
+def test_ray_head_starts_a_closed_named_cluster_head(ray_fake):
+    ray_fake.set_head(None)  # no head job yet: `apolo status` prints nothing
+    proc = ray_fake.make("ray-head")
+    calls = ray_fake.parsed()
+    assert [c.path for c in calls] == [("mkdir",), ("cp",), ("status",), ("secret", "add"), ("run",)]
+    _assert_code_upload(calls)
+    status, secret, run = calls[2:]
+    assert status.positionals == ["ray-head-boneage"]
+    # A new random token goes into the secret the jobs read, through a file that is gone afterwards.
+    key, value = secret.positionals
+    assert key == "ray-token-boneage" and value.startswith("@") and not Path(value[1:]).exists()
+    assert re.fullmatch(r"[0-9a-f]{64}", ray_fake.secret_file.read_text())
+    assert "@<a new random token>" in proc.stdout and ray_fake.secret_file.read_text() not in proc.stdout
+    assert run.value("--name") == "ray-head-boneage" and run.value("--preset") == "cpu-small"
+    assert RAY_TAG in run.values("--tag")
+    env = _assert_ray_job(run, "ro")
+    assert "RAY_HEAD_ADDRESS" not in env
+    assert _script_steps(_bash_script(run))[-1] == [
+        "ray", "start", "--head", "--port=6379", "--dashboard-host=0.0.0.0", "--block"]
+    first = ray_fake.secret_file.read_text()
+    ray_fake.make("ray-head")
+    assert ray_fake.secret_file.read_text() != first  # every head gets its own token
+
+
+def test_ray_head_refuses_while_a_head_is_up(ray_fake):
+    for state in ("running", "pending"):
+        ray_fake.set_head(_apolo_status_text("ray-head-boneage", HEAD_HOST, state))
+        proc = ray_fake.make("ray-head", check=False)
+        assert proc.returncode != 0 and "make ray-kill first" in proc.stderr, state
+        # The running cluster's token stays: no new secret, no second head.
+        assert [c.path for c in ray_fake.parsed()][2:] == [("status",)], state
+    for state in ("cancelled", "failed", "succeeded"):
+        ray_fake.set_head(_apolo_status_text("ray-head-boneage", HEAD_HOST, state))
+        ray_fake.make("ray-head")
+        assert ray_fake.parsed()[-1].path == ("run",), state
+
+
+def test_ray_workers_join_the_heads_internal_hostname(ray_fake):
+    ray_fake.set_head(_apolo_status_text("ray-head-boneage", HEAD_HOST, "pending"))
+    ray_fake.make("ray-workers", "RAY_WORKERS=3")
+    status, *runs = ray_fake.parsed()
+    assert status.path == ("status",) and status.positionals == ["ray-head-boneage"]  # looked up once
+    assert [r.value("--name") for r in runs] == [f"ray-worker-boneage-{i}" for i in (1, 2, 3)]
+    for run in runs:
+        assert run.value("--preset") == "gpu-small" and RAY_TAG in run.values("--tag")
+        env = _assert_ray_job(run, "ro")
+        assert env["RAY_HEAD_ADDRESS"] == f"{HEAD_HOST}:6379"
+        steps = _script_steps(_bash_script(run))
+        assert steps[-1] == ["ray", "start", "--address=$RAY_HEAD_ADDRESS", "--block"]
+        assert '"/dev/tcp/${RAY_HEAD_ADDRESS/://}"' in run.command[2]  # it waits for the head's port first
+    # The default count, and an explicit head address (no lookup).
+    ray_fake.make("ray-workers")
+    assert len(ray_fake.parsed()) == 1 + 2
+    ray_fake.make("ray-workers", "RAY_WORKERS=1", "RAY_HEAD_HOST=job-1234.platform-jobs", "RAY_PORT=6380")
+    (run,) = ray_fake.parsed()
+    assert run.env()["RAY_HEAD_ADDRESS"] == "job-1234.platform-jobs:6380"
+
+
+def test_ray_workers_need_a_live_head_and_a_count(ray_fake):
+    for head, args, message in [
+        (_apolo_status_text("ray-head-boneage", HEAD_HOST, "cancelled"), (), "is cancelled: run make ray-head"),
+        (_apolo_status_text("ray-head-boneage", None), (), "shows no Internal Hostname Named"),
+        (None, ("RAY_WORKERS=0",), "RAY_WORKERS=0 is no positive number"),
+        (None, ("RAY_WORKERS=two",), "RAY_WORKERS=two is no positive number"),
+    ]:
+        ray_fake.set_head(head)
+        proc = ray_fake.make("ray-workers", *args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
+        assert ("run",) not in [c.path for c in ray_fake.parsed()], args
+    ray_fake.set_head(_apolo_status_text("ray-head-boneage", HEAD_HOST))
+    proc = ray_fake.make("ray-workers", check=False, FAKE_APOLO_FAIL="status")  # e.g. no such job
+    assert proc.returncode != 0 and [c.path for c in ray_fake.parsed()] == [("status",)]
+    proc = ray_fake.make("ray-workers", "RAY_WORKERS=3", check=False, FAKE_APOLO_FAIL="run")
+    assert proc.returncode != 0 and [c.path for c in ray_fake.parsed()] == [("status",), ("run",)]  # stops at once
+
+
+def test_predict_archive_drives_boneage_predict_on_the_cluster(ray_fake):
+    ray_fake.set_head(_apolo_status_text("ray-head-boneage", HEAD_HOST))
+    proc = ray_fake.make("predict-archive")
+    status, run = ray_fake.parsed()
+    assert status.positionals == ["ray-head-boneage"]
+    assert run.value("--name") == "predict-archive-boneage" and run.value("--preset") == "cpu-small"
+    assert RAY_TAG not in run.values("--tag")  # ray-kill leaves a finished or running driver alone
+    env = _assert_ray_job(run, "rw")  # the driver writes the table
+    assert env["RAY_HEAD_ADDRESS"] == f"{HEAD_HOST}:6379"
+    steps = _script_steps(_bash_script(run))
+    # The driver joins the cluster as a node without CPUs or GPUs, then connects to it as `auto` ...
+    join = steps.index(["ray", "start", "--address=$RAY_HEAD_ADDRESS", "--num-cpus=0", "--num-gpus=0"])
+    (predict,) = [s for s in steps if s[:1] == ["boneage"]]
+    assert join < steps.index(predict) < steps.index(["ray", "stop"])
+    assert steps[-1] == ["exit", "$rc"]  # ... and leaves with boneage's exit status
+    ns = _parse_boneage(predict)
+    assert ns.command == "predict" and ns.engine == "ray" and ns.ray_address == "auto"
+    assert ns.paths == ["/boneage/archive"] and ns.recursive and ns.reports == "none"
+    assert ns.checkpoint == ["/boneage/results/paper-m46/best.pt"] and ns.out == "/boneage/results/predictions"
+    assert "apolo logs predict-archive-boneage" in proc.stdout and "storage:boneage/results/predictions" in proc.stdout
+
+
+def test_predict_archive_variables_reach_the_job(ray_fake):
+    ray_fake.set_head(_apolo_status_text("ray-head-ba2", HEAD_HOST))
+    ray_fake.make("predict-archive", "PROJECT=ba2", "ARCHIVE=storage:pacs/2024", "PREDICT_OUT=pacs-2024",
+                  "PREDICT_CHECKPOINT=/ba2/results/resnet50/best.pt", "PREDICT_PRESET=cpu-large",
+                  "PREDICT_EXTRA=--table parquet --no-tta", "RAY_LIFE_SPAN=3h")
+    status, run = ray_fake.parsed()
+    assert status.positionals == ["ray-head-ba2"]
+    assert run.value("--name") == "predict-archive-ba2" and run.value("--preset") == "cpu-large"
+    assert parse_duration(run.value("--life-span")) == 3 * 3600 and run.image == "image:ba2:latest"
+    assert run.volumes()["/ba2/archive"] == VolumeSpec("storage:pacs/2024", "/ba2/archive", "ro")
+    assert run.env()["RAY_AUTH_TOKEN"] == "secret:ray-token-ba2"
+    (predict,) = [s for s in _script_steps(_bash_script(run)) if s[:1] == ["boneage"]]
+    assert predict[-3:] == ["--table", "parquet", "--no-tta"]  # last, so it can override
+    ns = _parse_boneage(predict)
+    assert ns.paths == ["/ba2/archive"] and ns.out == "/ba2/results/pacs-2024" and ns.table == "parquet"
+    assert ns.checkpoint == ["/ba2/results/resnet50/best.pt"] and ns.tta is False
+
+
+def test_ray_jobs_share_one_definition(ray_fake):
+    """Head, workers and driver differ only in name, preset, tags, results mode, head address and script."""
+    ray_fake.set_head(_apolo_status_text("ray-head-boneage", HEAD_HOST, "cancelled"))
+    ray_fake.make("ray-head")
+    head = ray_fake.parsed()[-1]
+    ray_fake.set_head(_apolo_status_text("ray-head-boneage", HEAD_HOST))
+    ray_fake.make("ray-workers", "RAY_WORKERS=1")
+    worker = ray_fake.parsed()[-1]
+    ray_fake.make("predict-archive")
+    driver = ray_fake.parsed()[-1]
+    differ = {"--name", "--preset", "--tag", "--volume", "--env"}
+    assert {k: v for k, v in head.options.items() if k not in differ} == \
+        {k: v for k, v in worker.options.items() if k not in differ} == \
+        {k: v for k, v in driver.options.items() if k not in differ}
+    shared = {k: v for k, v in head.env().items()}
+    assert {k: v for k, v in worker.env().items() if k != "RAY_HEAD_ADDRESS"} == shared
+    assert {k: v for k, v in driver.env().items() if k != "RAY_HEAD_ADDRESS"} == shared
+    assert worker.env()["RAY_HEAD_ADDRESS"] == driver.env()["RAY_HEAD_ADDRESS"]
+    mounts = [{m: (v.remote, v.mode) for m, v in job.volumes().items() if m != "/boneage/results"}
+              for job in (head, worker, driver)]
+    assert mounts[0] == mounts[1] == mounts[2]  # the same files at the same paths on every node
+    assert head.image == worker.image == driver.image
+
+
+def test_ray_kill_terminates_the_head_and_workers(ray_fake):
+    proc = ray_fake.make("ray-kill", FAKE_APOLO_PS_IDS="job-aaa job-bbb job-ccc")
+    ps, kill = ray_fake.parsed()
+    assert ps.path == ("ps",) and ps.global_options.get("--quiet") and ps.value("--tag") == RAY_TAG
+    assert kill.path == ("kill",) and kill.positionals == ["job-aaa", "job-bbb", "job-ccc"]
+    assert "job-aaa" in proc.stdout
+    proc = ray_fake.make("ray-kill", FAKE_APOLO_PS_IDS="")
+    assert [c.path for c in ray_fake.parsed()] == [("ps",)] and "No running or pending jobs" in proc.stdout
+    proc = ray_fake.make("ray-kill", check=False, FAKE_APOLO_FAIL="ps", FAKE_APOLO_PS_IDS="job-aaa")
+    assert proc.returncode != 0 and [c.path for c in ray_fake.parsed()] == [("ps",)]

@@ -37,7 +37,8 @@ train.epochs, train.batch_size, train.lr, train.max_minutes (wall-clock budget),
 PREDICT_EXAMPLES = """examples:
   boneage predict hand.png --checkpoint runs/cpu-small/best.pt --sex F --chronological-age 9y3m --out reports
   boneage predict scans/ 'more/*.dcm' --checkpoint a.pt --checkpoint b.pt --out reports   # ensemble
-  boneage predict hand.png --checkpoint runs/cpu-small/best.onnx --runtime onnx"""
+  boneage predict hand.png --checkpoint runs/cpu-small/best.onnx --runtime onnx
+  boneage predict --dicomweb http://pacs:8042/dicom-web --since 2024-05-01 --store --checkpoint a.pt --out runs/pacs"""
 
 
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
@@ -259,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = command("predict", "bone-age reports for PNG/JPEG/DICOM files, folders or globs", PREDICT_EXAMPLES)
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders and globs (PNG, JPEG, DICOM)")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="image files, folders and globs (PNG, JPEG, DICOM); or --dicomweb instead")
     p.add_argument("--checkpoint", required=True, action="append", metavar="PT",
                    help="checkpoint .pt, or .onnx with --runtime onnx (repeat for an ensemble)")
     p.add_argument("--sex", help="F or M (default: DICOM PatientSex; else both sexes averaged)")
@@ -275,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reports", choices=["none", "json", "html", "all"], default="all",
                    help="per-file reports in OUT/reports/: none (the table only: archives), json, html (page + "
                         "heatmap), all (default)")
+    p.add_argument("--dicom-out", type=out_folder, metavar="DIR",
+                   help="also write a DICOM Structured Report and a Secondary Capture of the report page for every "
+                        "analysed DICOM input into DIR, in the input's study (pip install 'boneage[pacs]'; "
+                        "docs/pacs.md)")
     p.add_argument("--tta", dest="tta", action="store_true", default=True,
                    help="test-time augmentation (default: on)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="switch test-time augmentation off")
@@ -306,6 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local worker processes, or Ray Data across a cluster (pip install 'boneage[distributed]')")
     p.add_argument("--ray-address", metavar="ADDRESS",
                    help="the Ray cluster (e.g. ray://head:10001 or auto; default: a local Ray started for the run)")
+    p.add_argument("--dicomweb", metavar="URL",
+                   help="read the radiographs from this DICOMweb server (its root, e.g. http://pacs:8042/dicom-web) "
+                        "instead of PATHs, with --study or --since (pip install 'boneage[pacs]'; docs/pacs.md)")
+    p.add_argument("--study", metavar="UID", help="with --dicomweb: the study to read (its Study Instance UID)")
+    p.add_argument("--since", metavar="DATE",
+                   help="with --dicomweb: the studies of DATE (YYYY-MM-DD or YYYYMMDD) and later")
+    p.add_argument("--store", action="store_true",
+                   help="with --dicomweb: send each result (SR and Secondary Capture) back to the server (STOW-RS)")
     p.add_argument("--quiet", "-q", action="store_true", help="only errors (no progress, no per-file warnings)")
     p.add_argument("--verbose", "-v", action="store_true", help="also every skipped file and debug details")
     p.set_defaults(func=cmd_predict)
@@ -342,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="analyse images that the model's out-of-distribution check refuses (with a warning)")
     _add_device_arg(p)
     p.set_defaults(func=cmd_serve)
+
+    from boneage.dicom import node as dicom_node  # its flags live beside NodeOptions
+    dicom_node.add_arguments(command("dicom-node", dicom_node.SUMMARY, dicom_node.EXAMPLES), _add_device_arg)
 
     p = command("download", "fetch the RSNA data from Kaggle (needs an API token)")
     p.add_argument("--out", default="data/rsna-bone-age", type=out_folder, metavar="DIR",

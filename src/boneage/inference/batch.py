@@ -84,8 +84,16 @@ class PredictOptions:
     runtime: str = "torch"  # or "onnx"
     engine: str = "local"  # or "ray"
     ray_address: str | None = None
+    dicom_out: str | None = None  # an SR and a Secondary Capture per analysed DICOM input here (boneage.dicom)
+    dicomweb: str | None = None  # a DICOMweb server's root URL: the inputs, instead of paths (boneage.dicom.web)
+    study: str | None = None  # with dicomweb: the study (its Study Instance UID) to read
+    since: str | None = None  # with dicomweb: the studies of this date (YYYY-MM-DD or YYYYMMDD) and later
+    store: bool = False  # with dicomweb: send each result (SR and Secondary Capture) back with STOW-RS
 
     def __post_init__(self) -> None:
+        from boneage.dicom.web import check_request
+
+        check_request(self.paths, self.dicomweb, self.study, self.since, self.store)
         if self.runtime not in ("torch", "onnx"):
             raise BoneAgeError(f"runtime must be torch or onnx, not {self.runtime!r}")
         if self.batch_size < 1 or self.workers < -1:
@@ -98,11 +106,12 @@ class PredictOptions:
             raise BoneAgeError(f"--engine must be local or ray, not {self.engine!r}")
 
     def analysis_options(self, key: bytes) -> AnalysisOptions:
-        writes = self.out is not None and self.reports != "none"
+        pictures = ((self.out is not None and self.reports in ("html", "all")) or self.dicom_out is not None
+                    or self.store)  # the Secondary Capture's page shows the radiograph and heatmap
         return AnalysisOptions.from_request(
             self.sex, self.chronological_age, right_hand=True if self.right_hand else None,
-            keep_identifiers=self.keep_identifiers, heatmap=bool(self.heatmap and writes and self.reports != "json"),
-            display=bool(writes and self.reports != "json"), interval_level=self.interval_level,
+            keep_identifiers=self.keep_identifiers, heatmap=bool(self.heatmap and pictures),
+            display=pictures, interval_level=self.interval_level,
             ood_check=self.ood_check, header_check=self.header_check, key=key)
 
     def worker_count(self) -> int:
@@ -110,7 +119,7 @@ class PredictOptions:
         few files given by name, where starting the processes would cost more than it saves)."""
         if self.workers != -1:
             return self.workers
-        few = len(self.paths) <= self.batch_size and all(Path(p).is_file() for p in self.paths)
+        few = not self.dicomweb and len(self.paths) <= self.batch_size and all(Path(p).is_file() for p in self.paths)
         return 0 if few else max(0, min(4, cpu_count() - 1))
 
 
@@ -202,13 +211,28 @@ class Run:
 
 def run_predict(options: PredictOptions) -> int:
     """The ``predict`` command: 0 if every input was analysed or skipped as no input, 1 if any failed or was
-    refused (``BoneAgeError``: bad arguments, before any model loads)."""
+    refused, or a result was not stored (``--store``) (``BoneAgeError``: bad arguments, before any model loads)."""
+    if not options.dicomweb:
+        return _predict(options, None)
+    from boneage.dicom.web import download_folder
+
+    with download_folder(check_out_dir(options.out) if options.out else None) as workdir:
+        return _predict(options, workdir)
+
+
+def _predict(options: PredictOptions, workdir: Path | None) -> int:
+    """``run_predict``, the retrieved instances of ``--dicomweb`` in ``workdir``."""
     from boneage.privacy import load_key
 
     o = options
     AnalysisOptions.from_request(o.sex, o.chronological_age)  # bad --sex / --chronological-age: before any work
     out = check_out_dir(o.out) if o.out else None
     key = load_key(o.pseudonym_key)
+    dicom = None
+    if o.dicom_out:
+        from boneage.dicom.writer import open_dicom_writer
+
+        dicom = open_dicom_writer(o.dicom_out, o.checkpoints, key)  # checked before any model loads
     analysis_options = o.analysis_options(key)
     table = None
     if out is not None:
@@ -218,8 +242,14 @@ def run_predict(options: PredictOptions) -> int:
         table = open_table(out, "parquet" if o.table == "parquet" else "csv", columns)
     done = table.done() if table is not None else None
     run = Run("boneage predict", o.paths, o.recursive)
-    pending = _inputs(o, analysis_options, done, run, table)
-    first = next(pending, None)
+    pending = _inputs(o, analysis_options, done, run, table, workdir)
+    try:
+        first = next(pending, None)
+    except BoneAgeError:  # a DICOMweb server that cannot be searched
+        run.close()
+        if table is not None:
+            table.close()
+        raise
     if first is None:
         run.close()
         if table is not None:
@@ -227,9 +257,16 @@ def run_predict(options: PredictOptions) -> int:
         if run.counts["resumed"]:
             print(f"boneage predict: nothing to do: {run.summary()} (all in {table.path if table else ''})")
             return 0
+        if o.dicomweb:
+            from boneage.dicom.web import public_url
+
+            found = "" if not run.counts else f": {run.summary()}"
+            raise BoneAgeError(f"no radiographs found on {public_url(o.dicomweb)} for "
+                               f"{'--study' if o.study else '--since ' + str(o.since)}{found}")
         raise BoneAgeError(f"no images found in {' '.join(o.paths)} (PNG, JPEG or DICOM files, folders, globs"
                            f"{'' if o.recursive else '; add --recursive for subfolders'}): {run.summary()}")
     writers = report_writers(o.reports) if out is not None else []
+    web = _dicomweb_results(o)
     try:
         model = _engine(o, analysis_options, _chain(first, pending))
         label = next(model)
@@ -242,10 +279,14 @@ def run_predict(options: PredictOptions) -> int:
             for item, record, analysis in batch:
                 if out is not None and writers:
                     _write_reports(out, writers, item, record, analysis, key)
+                if dicom is not None:
+                    dicom.write(item, record, analysis)
                 rows.append(record)
                 run.add(record)
             if table is not None:
                 table.append([_flat(r) for r in rows])
+            if web is not None:
+                web.finish(batch)
     finally:
         run.close()
         if table is not None:
@@ -257,8 +298,20 @@ def run_predict(options: PredictOptions) -> int:
     rate = sum(run.counts[s] for s in ("ok", "failed", "refused")) / max(1e-9, time.monotonic() - run.start)
     print(f"boneage predict: {run.summary()} in {time.monotonic() - run.start:.0f} s ({rate:.1f} files/s)"
           + (f"; table: {table.path}" if table is not None else "")
-          + (f"; reports under {out / 'reports'}" if out is not None and writers else ""))
-    return 1 if run.counts["failed"] or run.counts["refused"] else 0
+          + (f"; reports under {out / 'reports'}" if out is not None and writers else "")
+          + (f"; {dicom.summary()}" if dicom is not None else ""))
+    if web is not None and web.summary():
+        print(f"boneage predict: {web.summary()}")
+    return 1 if run.counts["failed"] or run.counts["refused"] or (web is not None and web.failed) else 0
+
+
+def _dicomweb_results(o: PredictOptions) -> Any:
+    """With ``--dicomweb``: what stores the results (``--store``) and deletes the downloads after each batch."""
+    if not o.dicomweb:
+        return None
+    from boneage.dicom.web import DicomWebResults
+
+    return DicomWebResults(o.dicomweb, store=o.store, checkpoints=o.checkpoints)
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
@@ -271,10 +324,30 @@ def _chain(first: SourceItem, rest: Iterator[SourceItem]) -> Iterator[SourceItem
     yield from rest
 
 
-def _inputs(o: PredictOptions, options: AnalysisOptions, done: Any, run: Run, table: Any) -> Iterator[SourceItem]:
+def sources_for(o: PredictOptions, options: AnalysisOptions, done: Any = None, workdir: Path | None = None
+                ) -> Iterator[SourceItem | Skipped]:
+    """What ``predict`` reads: the PATHs (``open_sources``), or with ``--dicomweb`` the server's instances,
+    retrieved into ``workdir`` unless ``done`` (the table) already holds their rows (``boneage.dicom.web``)."""
+    if not o.dicomweb:
+        return open_sources(list(o.paths), recursive=o.recursive)
+    from boneage.dicom.web import dicomweb_items
+
+    known = None if done is None else (lambda key: _identity(SourceItem(key, None), options) in done)
+    return dicomweb_items(o.dicomweb, study=o.study, since=o.since, workdir=workdir or Path("."), key=options.key,
+                          known=known)
+
+
+def _identity(item: SourceItem, options: AnalysisOptions) -> tuple[str, int | None, int | None]:
+    """An input's resume identity as its row holds it: an unknown size or mtime (-1) is an empty cell."""
+    return (row_key(item.key, options), item.size if item.size >= 0 else None,
+            item.mtime_ns if item.mtime_ns >= 0 else None)
+
+
+def _inputs(o: PredictOptions, options: AnalysisOptions, done: Any, run: Run, table: Any,
+            workdir: Path | None = None) -> Iterator[SourceItem]:
     """The inputs still to score: skipped entries become rows at once (unless already in the table), rows
-    already in the table are counted as resumed."""
-    for entry in open_sources(list(o.paths), recursive=o.recursive):
+    already in the table are counted as resumed (identity as the row holds it: an unknown size or mtime empty)."""
+    for entry in sources_for(o, options, done, workdir):
         if isinstance(entry, Skipped):
             if done is not None and (row_key(entry.key, options), None, None) in done:
                 run.resumed()
@@ -284,7 +357,7 @@ def _inputs(o: PredictOptions, options: AnalysisOptions, done: Any, run: Run, ta
             if table is not None:
                 table.append([record])
             continue
-        if done is not None and (row_key(entry.key, options), entry.size, entry.mtime_ns) in done:
+        if done is not None and _identity(entry, options) in done:
             run.resumed()
             continue
         yield entry
