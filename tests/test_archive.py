@@ -210,9 +210,9 @@ def test_parquet_table_resumes_too(checkpoints, tmp_path, capsys):  # noqa: F811
 
 
 def test_progress_lines_when_not_on_a_terminal(checkpoints, tmp_path, capsys, monkeypatch):  # noqa: F811
-    from boneage.inference import batch
+    from boneage.inference import progress
 
-    monkeypatch.setattr(batch, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)
     for i in range(3):
         save_png(tmp_path / f"{i}.png", hand_image(seed=i))
     rc, _, stderr = _predict(capsys, *[tmp_path / f"{i}.png" for i in range(3)], "--checkpoint", checkpoints["a"],

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -24,6 +22,7 @@ from boneage.inference.conformal import DEFAULT_LEVEL
 from boneage.inference.ensemble import Ensemble
 from boneage.inference.pipeline import (GRADCAM_MISSING, AnalysisOptions, Pipeline, cpu_count, gradcam_available,
                                         prepare_item, row_key)
+from boneage.inference.progress import Run
 from boneage.inference.sources import SourceItem, Skipped, open_sources
 from boneage.io import DICOM_IDENTIFIERS
 from boneage.report import format_table
@@ -32,8 +31,6 @@ from boneage.report.writers import report_stem, report_writers
 
 log = logging.getLogger("boneage.predict")
 ID_COLUMNS = (*DICOM_IDENTIFIERS, "SOPInstanceUID", "path")  # table columns with --keep-identifiers only
-TABLE_ROWS = 20  # the console table shows at most this many rows; the rest are in the table file
-PROGRESS_EVERY_S = 30.0
 
 
 def load_predictor(checkpoints: Sequence[str | Path], *, runtime: str = "torch", tta: bool = True,
@@ -146,67 +143,6 @@ def skipped_record(skip: Skipped, options: AnalysisOptions) -> dict[str, Any]:
     record = empty_record(row_key(skip.key, options))
     record.update(status="skipped", reason=skip.reason, error=skip.detail.replace(skip.key, record["file"]))
     return record
-
-
-class Run:
-    """What one ``predict`` run counts and shows: rows by status and reason, the console rows, progress."""
-
-    def __init__(self, label: str, paths: Sequence[str] = (), recursive: bool = False) -> None:
-        self.counts: Counter[str] = Counter()
-        self.reasons: Counter[tuple[str, str]] = Counter()
-        self.shown: list[dict[str, Any]] = []
-        self.more = 0
-        self.start = self.last = time.monotonic()
-        self.bar = _progress(label)
-        if self.bar is not None and paths:  # the total, for the ETA: a second listing, in the background
-            threading.Thread(target=self._count, args=(list(paths), recursive), daemon=True).start()
-
-    def _count(self, paths: list[str], recursive: bool) -> None:
-        total = sum(1 for _ in open_sources(paths, recursive=recursive))
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.refresh()
-
-    def add(self, record: dict[str, Any]) -> None:
-        status = record.get("status") or ("failed" if record.get("error") else "ok")
-        self.counts[status] += 1
-        if status != "ok":
-            self.reasons[(status, record.get("reason") or "other")] += 1
-        if status in ("failed", "refused"):
-            log.warning("error: %s", record["error"])
-        elif status == "skipped":
-            log.debug("skipped %s: %s", record["file"], record["error"])
-        if status != "skipped":
-            if len(self.shown) < TABLE_ROWS:
-                self.shown.append(record)
-            else:
-                self.more += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif time.monotonic() - self.last >= PROGRESS_EVERY_S:
-            self.last = time.monotonic()
-            done = sum(self.counts.values())
-            log.info("progress: %d rows (%s), %.1f files/s", done, self.summary(), done / (self.last - self.start))
-
-    def resumed(self) -> None:
-        """An input already in the table: counted, not scored again."""
-        self.counts["resumed"] += 1
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def summary(self) -> str:
-        parts = []
-        for status in ("ok", "failed", "refused", "skipped", "resumed"):
-            n = self.counts[status]
-            if not n:
-                continue
-            why = sorted(((r, c) for (s, r), c in self.reasons.items() if s == status), key=lambda x: -x[1])
-            parts.append(f"{n} {status}" + (f" ({', '.join(f'{r}: {c}' for r, c in why)})" if why else ""))
-        return "; ".join(parts) or "nothing"
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def run_predict(options: PredictOptions) -> int:
@@ -426,17 +362,3 @@ def predict_file(predictor: Ensemble, path: str | Path, *, sex: str | None = Non
         out = check_out_dir(out_dir)
         _write_reports(out, report_writers("all"), item, record, analysis, load_key())
     return record
-
-
-def _progress(label: str) -> Any:
-    """A tqdm bar (count and rate; the ETA once a background listing has counted the inputs) on stderr for a person
-    at a terminal; None elsewhere (logs, CI, pipes, platform jobs: a progress line every ``PROGRESS_EVERY_S``)."""
-    import sys
-
-    if not sys.stderr.isatty() or not log.isEnabledFor(logging.INFO):
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
-    return tqdm(unit="file", file=sys.stderr, desc=label)
