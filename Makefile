@@ -2,7 +2,8 @@
 #
 #   make help                       every target with a one-line description
 #   make setup                      build the project image on the platform (once)
-#   make upload-data training       train on a platform GPU; a preempted job resumes by itself
+#   make download-data              fetch the RSNA data from Kaggle straight onto storage (or: make upload-data)
+#   make training                   check the data, then train on a platform GPU; a preempted job resumes by itself
 #   make setup-local && make demo   install locally (torch first, then boneage pinned), then the phantom demo
 #   make test                       the test suite (installs the test tools first, once per environment)
 #
@@ -92,6 +93,10 @@ IMAGE_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 SETUP_JOB ?= setup-$(PROJECT)
 # Name of the single-GPU training job.
 TRAINING_JOB ?= training-$(PROJECT)
+# Name of the job that checks the data on storage before every training job (never restarts).
+DATA_CHECK_JOB ?= check-data-$(PROJECT)
+# Name of the job `make download-data` fetches the RSNA data from Kaggle in.
+DOWNLOAD_JOB ?= download-data-$(PROJECT)
 # Name of the multi-GPU (DDP) training job.
 TRAINING_DDP_JOB ?= training-ddp-$(PROJECT)
 # Name of the Jupyter job.
@@ -118,6 +123,10 @@ RAY_TAG ?= ray-cluster:$(PROJECT)
 SETUP_PRESET ?= cpu-small
 # Preset of the single-GPU training job.
 TRAINING_PRESET ?= gpu-small
+# Preset of the download job (no GPU needed).
+DOWNLOAD_PRESET ?= cpu-small
+# Run-time limit of the download job (about 10 GB from Kaggle, unzipped onto storage).
+DOWNLOAD_LIFE_SPAN ?= 6h
 # Preset of the DDP training job: needs DDP_GPUS GPUs.
 DDP_PRESET ?= gpu-large
 # GPUs in DDP_PRESET = DDP worker processes.
@@ -154,14 +163,28 @@ RAY_LIFE_SPAN ?= 1d
 
 ##### TRAINING #####
 
-# Shipped config name (cpu-small, paper-m46, resnet50, inceptionv3) or a YAML path.
-CONFIG ?= paper-m46
+# Shipped config name (lite0-gpu, cpu-small, paper-m46, resnet50, inceptionv3, bonenet-s) or a YAML path.
+# Default: lite0-gpu, the best GPU config for full-size data we ship (the GPU-training issue may add lite2-gpu).
+CONFIG ?= lite0-gpu
+# train.engine of the single-GPU job: gpu fails with a clear error when the job has no usable GPU (never a
+# silent CPU run); cpu trains on the CPU on purpose, auto takes the GPU when there is one.
+TRAINING_ENGINE ?= gpu
 # Run folder name under the results folder; rerunning the same name resumes it.
 RUN_NAME ?= $(basename $(notdir $(CONFIG)))
 # Run folder name of DDP training.
 DDP_RUN_NAME ?= $(RUN_NAME)-ddp
 # Extra arguments appended to `boneage train` (section.key=value overrides, --cache-dir DIR, ...).
 TRAIN_EXTRA ?=
+
+##### DATA DOWNLOAD (make download-data) #####
+
+# Apolo secret with your Kaggle username (create both secrets once: see docs/platform.md); the download job
+# gets them as KAGGLE_USERNAME / KAGGLE_KEY, resolved by the platform: never on a command line or in a log.
+KAGGLE_USERNAME_SECRET ?= kaggle-username
+# Apolo secret with your Kaggle API key (the job's KAGGLE_KEY).
+KAGGLE_KEY_SECRET ?= kaggle-key
+# Kaggle client the download job installs when the image has none (the [download] extra, pinned).
+KAGGLE_PACKAGE ?= kaggle==2.2.5
 
 ##### RAY CLUSTER (make ray-head, ray-workers, predict-archive) #####
 
@@ -221,6 +244,8 @@ _SETUP_PIP = python -m pip install --progress-bar=off --no-cache-dir -r $(PROJEC
 
 # Internal: the one definition of a training job, shared by `training` and `training-ddp`:
 # $(call _TRAINING_RUN,JOB NAME,PRESET,RUN FOLDER under RESULTS_MOUNT,extra `boneage train` options).
+# Both targets first run _DATA_CHECK_RUN (make check-data): the on-failure policy restarts a failed job with the
+# same command, so a missing or invalid dataset is caught in a job that never restarts, before this one starts.
 # Everything else (restart policy, life span, tag, volumes and their modes, env, workdir, image, the
 # `boneage train` data/config/resume arguments and TRAIN_EXTRA last) is the same for both jobs.
 define _TRAINING_RUN
@@ -244,6 +269,30 @@ $(APOLO) run \
 		--out $(RESULTS_MOUNT)/$(3) \
 		--resume \
 		$(4) $(TRAIN_EXTRA)
+endef
+
+# Internal: `boneage check-data` on the data volume, attached (`apolo run` without --detach streams its log
+# and exits with the job's exit code), never restarted, so make stops at a missing or invalid dataset -- and,
+# with --gpu, at a GPU the training could not use (no GPU, a driver too old for the image's CUDA build), which
+# would otherwise fail the training job over and over under its on-failure policy:
+# $(call _DATA_CHECK_RUN,PRESET of the training job,extra `boneage check-data` options).
+define _DATA_CHECK_RUN
+$(APOLO) run \
+	--name $(DATA_CHECK_JOB) \
+	--preset $(1) \
+	--no-tty \
+	--restart never \
+	--life-span 1h \
+	--tag $(JOB_TAG) \
+	--volume $(CODE_STORAGE):$(CODE_MOUNT):ro \
+	--volume $(DATA_STORAGE):$(DATA_MOUNT):ro \
+	--env PYTHONPATH=$(CODE_MOUNT) \
+	--workdir $(PROJECT_MOUNT) \
+	$(CUSTOM_ENV) \
+	-- boneage check-data \
+		--images $(DATA_MOUNT)/$(IMAGES_SUBDIR) \
+		--labels $(DATA_MOUNT)/$(LABELS_FILE) \
+		$(2)
 endef
 
 # Internal: the Ray cluster of `boneage predict --engine ray` as platform jobs, the way Apolo's own guide runs
@@ -393,10 +442,37 @@ upload-code: ## Upload src/ to CODE_STORAGE (jobs mount it read-only and import 
 	$(APOLO) cp --recursive --update --no-target-directory $(CODE_EXCLUDE) $(CODE_DIR) $(CODE_STORAGE)
 
 .PHONY: upload-data
-upload-data: ## Upload local DATA_DIR (images + labels CSV) to DATA_STORAGE
+upload-data: ## Upload local DATA_DIR (IMAGES_SUBDIR/ + LABELS_FILE) to DATA_STORAGE; refuses a folder lacking either
 	@test -d $(DATA_DIR) || { echo "DATA_DIR=$(DATA_DIR) is not a folder: put $(IMAGES_SUBDIR)/ and $(LABELS_FILE) there or pass DATA_DIR=..." >&2; exit 1; }
+	@missing=""; \
+	test -n "$$(ls -A "$(DATA_DIR)/$(IMAGES_SUBDIR)" 2>/dev/null)" || missing="the images folder $(DATA_DIR)/$(IMAGES_SUBDIR)/ (absent or empty)"; \
+	test -f "$(DATA_DIR)/$(LABELS_FILE)" || missing="$${missing:+$$missing and }the labels file $(DATA_DIR)/$(LABELS_FILE)"; \
+	if [ -n "$$missing" ]; then echo "upload-data: nothing uploaded: DATA_DIR=$(DATA_DIR) lacks $$missing. Put \
+	$(IMAGES_SUBDIR)/<id>.png and $(LABELS_FILE) (id,boneage,male) there (boneage download --out $(DATA_DIR) does), pass \
+	DATA_DIR=..., or fetch the data on the platform with make download-data." >&2; exit 1; fi
 	$(APOLO) mkdir --parents $(DATA_STORAGE)
 	$(APOLO) cp --recursive --update --no-target-directory $(DATA_DIR) $(DATA_STORAGE)
+
+.PHONY: download-data
+download-data: upload-code ## Fetch the RSNA data from Kaggle into DATA_STORAGE in a platform job (token from Apolo secrets)
+	$(APOLO) mkdir --parents $(DATA_STORAGE)
+	$(APOLO) run \
+		--name $(DOWNLOAD_JOB) \
+		--preset $(DOWNLOAD_PRESET) \
+		--detach \
+		--restart never \
+		--life-span $(DOWNLOAD_LIFE_SPAN) \
+		--tag $(JOB_TAG) \
+		--volume $(CODE_STORAGE):$(CODE_MOUNT):ro \
+		--volume $(DATA_STORAGE):$(DATA_MOUNT):rw \
+		--env PYTHONPATH=$(CODE_MOUNT) \
+		--env KAGGLE_USERNAME=secret:$(KAGGLE_USERNAME_SECRET) \
+		--env KAGGLE_KEY=secret:$(KAGGLE_KEY_SECRET) \
+		--workdir $(PROJECT_MOUNT) \
+		$(CUSTOM_ENV) \
+		-- bash -c 'set -e; python -m pip show -q kaggle >/dev/null 2>&1 || python -m pip install --progress-bar=off \
+		--no-cache-dir "$(KAGGLE_PACKAGE)"; boneage download --out $(DATA_MOUNT)'
+	@echo "Follow it with: $(APOLO) logs $(DOWNLOAD_JOB); it writes $(DATA_STORAGE)/$(IMAGES_SUBDIR)/ and $(LABELS_FILE)."
 
 .PHONY: upload-notebooks
 upload-notebooks: ## Upload notebooks/ to NOTEBOOKS_STORAGE
@@ -432,13 +508,20 @@ clean-results: ## Delete ALL training runs and checkpoints from platform storage
 
 ##@ Platform: jobs
 
+.PHONY: check-data
+check-data: upload-code ## Check DATA_STORAGE (images, labels, every row) and the GPU on TRAINING_PRESET, in a job that never restarts
+	$(APOLO) mkdir --parents $(DATA_STORAGE)
+	$(call _DATA_CHECK_RUN,$(TRAINING_PRESET),$(if $(filter gpu,$(TRAINING_ENGINE)),--gpu))
+
 .PHONY: training
-training: upload-code ## Train CONFIG on a TRAINING_PRESET GPU; restarts and resumes after preemption
-	$(call _TRAINING_RUN,$(TRAINING_JOB),$(TRAINING_PRESET),$(RUN_NAME),)
+training: check-data ## Train CONFIG (default lite0-gpu) on a TRAINING_PRESET GPU once the data check passes; resumes after preemption
+	$(call _TRAINING_RUN,$(TRAINING_JOB),$(TRAINING_PRESET),$(RUN_NAME),--engine $(TRAINING_ENGINE))
 	@echo "Follow it with: $(APOLO) logs $(TRAINING_JOB)   (or make logs-training)"
 
 .PHONY: training-ddp
-training-ddp: upload-code ## Train CONFIG with DDP on DDP_GPUS GPUs of DDP_PRESET; resumes too
+training-ddp: upload-code ## Train CONFIG with DDP on DDP_GPUS GPUs of DDP_PRESET once the data check passes; resumes too
+	$(APOLO) mkdir --parents $(DATA_STORAGE)
+	$(call _DATA_CHECK_RUN,$(DDP_PRESET),--gpu)
 	$(call _TRAINING_RUN,$(TRAINING_DDP_JOB),$(DDP_PRESET),$(DDP_RUN_NAME),--engine ddp --ddp-workers $(DDP_GPUS))
 	@echo "Follow it with: $(APOLO) logs $(TRAINING_DDP_JOB)"
 
@@ -459,7 +542,8 @@ kill-training-ddp: ## Terminate the DDP training job
 	-$(APOLO) kill $(TRAINING_DDP_JOB)
 
 .PHONY: jupyter
-jupyter: upload-code upload-notebooks ## Start JupyterLab on JUPYTER_PRESET and open it in the browser
+jupyter: upload-code upload-notebooks ## Start JupyterLab on JUPYTER_PRESET (the demo notebook reads DATA_STORAGE)
+	$(APOLO) mkdir --parents $(DATA_STORAGE) $(RESULTS_STORAGE)
 	$(APOLO) run \
 		--name $(JUPYTER_JOB) \
 		--preset $(JUPYTER_PRESET) \
@@ -473,6 +557,8 @@ jupyter: upload-code upload-notebooks ## Start JupyterLab on JUPYTER_PRESET and 
 		--volume $(NOTEBOOKS_STORAGE):$(NOTEBOOKS_MOUNT):rw \
 		--volume $(RESULTS_STORAGE):$(RESULTS_MOUNT):rw \
 		--env PYTHONPATH=$(CODE_MOUNT) \
+		--env BONEAGE_DATA_DIR=$(DATA_MOUNT) \
+		--env BONEAGE_NB_OUT=$(RESULTS_MOUNT)/notebook \
 		--workdir $(PROJECT_MOUNT) \
 		$(CUSTOM_ENV) \
 		-- jupyter lab \

@@ -271,13 +271,21 @@ def _ood_md(r: dict[str, Any]) -> list[str]:
             f"{r['nonhand_refused_by_model_check']}. Passed: {passed}."]
 
 
+PIPELINE_DATE = "2026-12-06T15:15"  # the analysis pipeline (issue 27) replaced the per-file/batched predict code
+
+
 def _throughput_md(r: dict[str, Any]) -> list[str]:
     """Files per second of predict (``benchmarks/throughput.py``)."""
     before = {row["config"]: row["files_per_s"] for row in r.get("before_png_fix", {}).get("rows", [])}
     lines = ["## Prediction throughput (`throughput.json`, `python -m benchmarks.throughput`)", "",
              f"_{_hardware_line(r)}_", "",
-             f"{r['n']} shared-sample radiographs, checkpoint `{r['checkpoint']}`, TTA off, every report written, "
-             f"batch size {r['batch_size']}.", "",
+             f"{r['n']} shared-sample radiographs, checkpoint `{r['checkpoint']}`, TTA "
+             f"{'on' if r.get('tta') else 'off'}, Grad-CAM off but in its own row, every report written, batch size "
+             f"{r['batch_size']}. `boneage predict`'s defaults have TTA and Grad-CAM on: no row here is the default "
+             "settings' rate."
+             + (" Measured before the analysis pipeline (`boneage.inference.pipeline`) replaced the code it timed; "
+                "`archive.json` below is the current pipeline's rate." if r.get("date", "") < PIPELINE_DATE else ""),
+             "",
              "| configuration | files/s | before the PNG fix (200 files) | peak RSS MB | workers' peak RSS MB |",
              "|---|---:|---:|---:|---:|"]
     lines += [f"| {row['config']} | {row['files_per_s']:.1f} | {_f(before.get(row['config']))} | "

@@ -87,8 +87,12 @@ def test_downloads_with_credentials(source: str, no_credentials: Path, fake_kagg
     assert download_rsna(dest) == dest
     assert fake_kaggle.calls == [(("kmader/rsna-bone-age",), {"path": str(dest), "unzip": True, "quiet": False})]
     out = capsys.readouterr().out
-    assert f"labels: {dest / 'boneage-training-dataset.csv'}" in out
-    assert f"images: {dest / 'boneage-training-dataset' / 'boneage-training-dataset'}" in out
+    assert f"labels: {dest / 'labels.csv'}" in out and f"images: {dest / 'images'}" in out
+    # The one layout: images/ + labels.csv (the Kaggle CSV and images, moved); nothing of the Kaggle names left.
+    assert (dest / "labels.csv").read_text() == "id,boneage,male\n1377,180,False\n" and (dest / "images").is_dir()
+    assert not (dest / "boneage-training-dataset.csv").exists() and not (dest / "boneage-training-dataset").exists()
+    # A second run finds the layout and downloads nothing.
+    assert download_rsna(dest) == dest and len(fake_kaggle.calls) == 1
 
 
 def test_client_failure_is_explained(no_credentials: Path, fake_kaggle: _FakeApi, tmp_path: Path,
@@ -110,3 +114,48 @@ def test_find_kaggle_layout(tmp_path: Path) -> None:
                                             tmp_path / "boneage-training-dataset")
     with pytest.raises(DataError, match="the download is incomplete"):
         find_kaggle_layout(tmp_path / "elsewhere")
+
+
+def test_check_data_passes_a_dataset_and_names_what_is_missing(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """`boneage check-data` (the pre-flight of every platform training job): exit 0 on a valid dataset, else
+    exit 2 with what is missing or the bad row."""
+    from boneage.cli import main
+    from boneage.data import make_synth_dataset
+
+    data = make_synth_dataset(tmp_path / "ok", 6, seed=0)
+    assert main(["check-data", "--images", str(data / "images"), "--labels", str(data / "labels.csv")]) == 0
+    assert "data OK: 6 labelled images" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    assert main(["check-data", "--images", str(empty / "images"), "--labels", str(empty / "labels.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"the images folder {empty / 'images'}/ and the labels file {empty / 'labels.csv'} are missing" in err
+    assert "make download-data" in err
+    (data / "labels.csv").write_text("id,boneage,male\n999,abc,True\n")
+    assert main(["check-data", "--images", str(data / "images"), "--labels", str(data / "labels.csv")]) == 2
+    assert "line 2" in capsys.readouterr().err
+
+
+def test_download_help_promises_the_layout_it_writes(capsys: pytest.CaptureFixture[str]) -> None:
+    from boneage.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["download", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "DIR/images/ + DIR/labels.csv" in out and "images/ and labels.csv" in out
+
+
+def test_check_data_gpu_refuses_an_unusable_gpu_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """`boneage check-data --gpu` (the pre-flight of a GPU training job): no usable CUDA GPU is exit 2, said
+    clearly, so the job that never restarts fails instead of the training job looping."""
+    torch = pytest.importorskip("torch")
+    from boneage.cli import main
+    from boneage.data import make_synth_dataset
+
+    data = make_synth_dataset(tmp_path / "ok", 4, seed=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["check-data", "--images", str(data / "images"), "--labels", str(data / "labels.csv"), "--gpu"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "data OK" in captured.out and "train.engine=gpu but PyTorch sees no usable CUDA GPU" in captured.err

@@ -553,11 +553,30 @@ def _assert_code_upload(calls: list[ApoloCall], storage: str = STORAGE) -> None:
 
 
 def _job(fake, target: str, *args: str, uploads: int = 2) -> tuple[ApoloCall, subprocess.CompletedProcess]:
-    """Run a job target; return its one `apolo run` (after `uploads` upload calls)."""
+    """Run a job target; return its one `apolo run` (after `uploads` upload calls). A training target first
+    makes sure the data folder exists and runs the data check job (make check-data)."""
     proc = fake.make(target, *args)
     calls = fake.parsed()
-    assert [c.path[-1] for c in calls[uploads:]] == ["run"], [c.argv for c in calls]
+    if target in ("training", "training-ddp"):
+        assert [c.path[-1] for c in calls[uploads:]] == ["mkdir", "run", "run"], [c.argv for c in calls]
+        _assert_data_check(calls[uploads + 1], calls[-1])
+    else:
+        assert [c.path[-1] for c in calls[uploads:]] == ["run"], [c.argv for c in calls]
     return calls[-1], proc
+
+
+def _assert_data_check(check: ApoloCall, training: ApoloCall) -> None:
+    """The pre-flight job: `boneage check-data` on what the training job will read, attached (make waits for its
+    exit code), never restarted, on the same image, code and data volume as the training job."""
+    assert check.value("--restart") == "never" and not check.flag("--detach") and check.flag("--tty") is False
+    # On the training job's preset: with --gpu it also finds a GPU the training could not use, once.
+    assert check.value("--preset") == training.value("--preset") and check.values("--tag") == training.values("--tag")
+    assert 0 < parse_duration(check.value("--life-span")) <= 3600
+    assert check.image == training.image and check.env() == training.env()
+    assert check.volumes() == {k: v for k, v in training.volumes().items() if v.mode == "ro"}
+    ns, train_ns = _parse_boneage(check.command), _parse_boneage(training.command)
+    assert ns.command == "check-data" and (ns.images, ns.labels) == (train_ns.images, train_ns.labels)
+    assert ns.gpu is (train_ns.engine in ("gpu", "ddp")), (ns, train_ns.engine)
 
 
 def _parse_boneage(argv: list[str]):
@@ -633,9 +652,11 @@ def test_training_runs_resumable_gpu_job(fake):
     assert run.value("--name") == "training-boneage" and run.value("--preset") == "gpu-small"
     assert run.image == IMAGE
     ns = _assert_training_job(run)
-    assert ns.config == "paper-m46" and ns.out == "/boneage/results/paper-m46"
+    # The best GPU config we ship, and a job that fails clearly without a usable GPU (never a silent CPU run).
+    assert ns.config == "lite0-gpu" and ns.out == "/boneage/results/lite0-gpu"
     assert ns.images == "/boneage/data/images" and ns.labels == "/boneage/data/labels.csv"
-    assert ns.engine != "ddp" and ns.overrides == []
+    assert ns.engine == "gpu" and ns.overrides == []
+    assert _parse_boneage(_job(fake, "training", "TRAINING_ENGINE=cpu")[0].command).engine == "cpu"
     assert "apolo logs training-boneage" in proc.stdout
 
 
@@ -645,7 +666,7 @@ def test_training_ddp_uses_multi_gpu_preset_and_ddp_engine(fake):
     assert run.value("--name") == "training-ddp-boneage" and run.value("--preset") == "gpu-4x"
     ns = _assert_training_job(run)
     assert ns.engine == "ddp" and ns.ddp_workers == 4  # one DDP worker per GPU of the preset
-    assert ns.out == "/boneage/results/paper-m46-ddp"  # its own run folder, apart from single-GPU runs
+    assert ns.out == "/boneage/results/lite0-gpu-ddp"  # its own run folder, apart from single-GPU runs
     assert "apolo logs training-ddp-boneage" in proc.stdout
     assert _parse_boneage(_job(fake, "training-ddp")[0].command).ddp_workers == 2
 
@@ -714,10 +735,11 @@ def test_training_dry_runs_print_the_same_valid_commands(fake):
 
 
 def test_jupyter(fake):
-    run, _ = _job(fake, "jupyter", uploads=4)
+    run, _ = _job(fake, "jupyter", uploads=5)
     calls = fake.parsed()
     _assert_code_upload(calls)
     _assert_upload(calls[2], calls[3], "notebooks", f"{STORAGE}/notebooks")
+    assert calls[4].path == ("mkdir",) and calls[4].positionals == [f"{STORAGE}/data", f"{STORAGE}/results"]
     assert run.value("--name") == "jupyter-boneage" and run.value("--preset") == "gpu-small"
     assert run.flag("--http-auth") is True and run.flag("--browse") and run.flag("--detach")
     assert run.volumes() == {
@@ -726,7 +748,9 @@ def test_jupyter(fake):
         "/boneage/notebooks": VolumeSpec(f"{STORAGE}/notebooks", "/boneage/notebooks", "rw"),  # edits are kept
         "/boneage/results": VolumeSpec(f"{STORAGE}/results", "/boneage/results", "rw"),
     }
-    assert run.env() == {"PYTHONPATH": "/boneage/src"} and run.value("--workdir") == "/boneage"
+    # The demo notebook reads the data volume and writes its outputs to the results volume (kept).
+    assert run.env() == {"PYTHONPATH": "/boneage/src", "BONEAGE_DATA_DIR": "/boneage/data",
+                         "BONEAGE_NB_OUT": "/boneage/results/notebook"} and run.value("--workdir") == "/boneage"
     assert run.image == IMAGE and run.command[:2] == ["jupyter", "lab"]
     # JupyterLab listens on the forwarded port, on every interface; the platform's HTTP auth guards it.
     assert f"--port={run.value('--http-port')}" in run.command and "--ip=0.0.0.0" in run.command
@@ -763,7 +787,7 @@ def test_filebrowser(fake):
 
 def test_storage_targets(fake, tmp_path):
     data = tmp_path / "mydata"
-    (data / "images").mkdir(parents=True)
+    _write_dataset(data)
     uploads = {  # target -> (local folder, storage folder)
         ("upload-code",): ("src", f"{STORAGE}/src"),
         ("upload-notebooks",): ("notebooks", f"{STORAGE}/notebooks"),
@@ -796,6 +820,41 @@ def test_storage_targets(fake, tmp_path):
         (rm,) = fake.parsed()
         folder = "src" if what == "code" else what
         assert rm.path == ("rm",) and rm.flag("--recursive") and rm.positionals == [f"{STORAGE}/{folder}"], what
+
+
+def _write_dataset(folder: Path, n: int = 3) -> Path:
+    """A tiny dataset in the one layout (images/<id>.png + labels.csv) that boneage.data.read_labels accepts."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = ["id,boneage,male"]
+    for i in range(n):
+        (folder / "images" / f"{1000 + i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not decoded by the check")
+        rows.append(f"{1000 + i},{60 + 30 * i},{'True' if i % 2 else 'False'}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+@pytest.mark.parametrize("content, missing", [
+    ((), ["the images folder", "(absent or empty)", "and the labels file"]),  # a fresh clone's data/ (.gitkeep)
+    (("images/",), ["the images folder", "(absent or empty)"]),
+    (("images/1.png",), ["the labels file"]),
+    (("labels.csv",), ["the images folder"]),
+])
+def test_upload_data_refuses_a_folder_without_images_or_labels(fake, tmp_path, content, missing):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / ".gitkeep").write_text("")
+    for rel in content:
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        if not rel.endswith("/"):
+            (data / rel).write_text("x")
+    proc = fake.make("upload-data", f"DATA_DIR={data}", check=False)
+    assert proc.returncode != 0 and "nothing uploaded" in proc.stderr, proc.stderr
+    for words in missing:
+        assert words in proc.stderr, (words, proc.stderr)
+    if "labels.csv" in content:
+        assert "the labels file" not in proc.stderr
+    assert "make download-data" in proc.stderr
+    assert fake.calls() == []  # refused before any upload
 
 
 def test_upload_data_refuses_missing_folder(fake, tmp_path):
@@ -866,7 +925,7 @@ PLATFORM_TARGETS = [
 
 
 def test_every_flag_the_makefile_passes_exists_in_the_apolo_cli(fake, tmp_path):
-    (tmp_path / "d").mkdir()
+    _write_dataset(tmp_path / "d")
     seen: set[tuple[str, ...]] = set()
     for args in [*PLATFORM_TARGETS, ("upload-data", f"DATA_DIR={tmp_path / 'd'}")]:
         fake.make(*args, FAKE_APOLO_PS_IDS="job-1")
@@ -1060,7 +1119,7 @@ def test_train_local_shows_overridden_values(fake):
     assert (ns.command, ns.config, ns.images, ns.labels, ns.out, ns.resume) == (
         "train", "resnet50", "/x/images", "/x/labels.csv", "results/resnet50", True)
     argv, ns = train_local("TRAIN_EXTRA=train.epochs=2 --engine cpu", "RESULTS_DIR=/r")
-    assert ns.out == "/r/paper-m46" and ns.overrides == ["train.epochs=2"] and ns.engine == "cpu"
+    assert ns.out == "/r/lite0-gpu" and ns.overrides == ["train.epochs=2"] and ns.engine == "cpu"
     assert argv[-3:] == ["train.epochs=2", "--engine", "cpu"]  # last, so it can override
 
 
@@ -1511,7 +1570,7 @@ def test_predict_archive_drives_boneage_predict_on_the_cluster(ray_fake):
     ns = _parse_boneage(predict)
     assert ns.command == "predict" and ns.engine == "ray" and ns.ray_address == "auto"
     assert ns.paths == ["/boneage/archive"] and ns.recursive and ns.reports == "none"
-    assert ns.checkpoint == ["/boneage/results/paper-m46/best.pt"] and ns.out == "/boneage/results/predictions"
+    assert ns.checkpoint == ["/boneage/results/lite0-gpu/best.pt"] and ns.out == "/boneage/results/predictions"
     assert "apolo logs predict-archive-boneage" in proc.stdout and "storage:boneage/results/predictions" in proc.stdout
 
 
@@ -1567,3 +1626,130 @@ def test_ray_kill_terminates_the_head_and_workers(ray_fake):
     assert [c.path for c in ray_fake.parsed()] == [("ps",)] and "No running or pending jobs" in proc.stdout
     proc = ray_fake.make("ray-kill", check=False, FAKE_APOLO_FAIL="ps", FAKE_APOLO_PS_IDS="job-aaa")
     assert proc.returncode != 0 and [c.path for c in ray_fake.parsed()] == [("ps",)]
+
+
+# --------------------------------------------------------------------------------------
+# The whole platform path, rehearsed offline against a fake platform (storage tree, jobs, secrets)
+# --------------------------------------------------------------------------------------
+
+def _load_fake_apolo():
+    spec = importlib.util.spec_from_file_location("fake_apolo", FAKE_APOLO)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fake_apolo_run_flags_are_the_real_clis():
+    table = {o for p in _command("run").params for o in (*getattr(p, "opts", ()), *getattr(p, "secondary_opts", ()))
+             if getattr(p, "param_type_name", "") == "option" and not _takes_value(p)}
+    assert _load_fake_apolo().RUN_FLAGS == table - {"--help"}
+
+
+@pytest.fixture
+def platform(fake, tmp_path):
+    """`fake` with a fake platform under tmp_path/platform: storage, jobs that run boneage here, secrets; and a
+    stand-in Kaggle client that "downloads" a small dataset in the Kaggle copy's layout."""
+    boneage_data = pytest.importorskip("boneage.data")
+    source = tmp_path / "kaggle-source"
+    synth = boneage_data.make_synth_dataset(tmp_path / "synth", 24, seed=5)
+    (source / "boneage-training-dataset").mkdir(parents=True)
+    (synth / "images").rename(source / "boneage-training-dataset" / "boneage-training-dataset")
+    (synth / "labels.csv").rename(source / "boneage-training-dataset.csv")
+    client = tmp_path / "kaggle-client" / "kaggle"
+    client.mkdir(parents=True)
+    (client / "__init__.py").write_text(
+        "import os, shutil\n"
+        "class _Api:\n"
+        "    def dataset_download_files(self, dataset, path, unzip, quiet):\n"
+        "        token = (os.environ['KAGGLE_USERNAME'], os.environ['KAGGLE_KEY'])\n"
+        "        assert token == ('rehearsal-user', 'k-SECRET-123')\n"
+        "        shutil.copytree(os.environ['FAKE_KAGGLE_SOURCE'], path, dirs_exist_ok=True)\n"
+        "api = _Api()\n")
+    root = tmp_path / "platform"
+    fake.env.update(FAKE_APOLO_STORAGE=str(root), FAKE_APOLO_EXECUTE="boneage,bash", FAKE_KAGGLE_SOURCE=str(source),
+                    FAKE_APOLO_PYTHONPATH=str(client.parent), BONEAGE_CACHE_DIR=str(tmp_path / "cache"))
+    fake.root = root
+    fake.jobs = lambda: json.loads((root / ".fake-apolo" / "state.json").read_text())["jobs"]
+    return fake
+
+
+def test_the_whole_platform_path_offline(platform, tmp_path):
+    """download-data, upload-data, setup, training, jupyter, kill in order, on a fake platform: the data arrive in
+    the layout the training job reads, a training job on empty storage fails once (no restart loop), the training
+    job trains on the data, and the notebook with the Jupyter job's environment and mounts picks the real data."""
+    data = platform.root / "boneage" / "data"
+    apolo = ["apolo"]
+
+    # 0. Training before there is any data: the check job fails once, the training job never starts.
+    proc = platform.make("training", check=False)
+    assert proc.returncode != 0
+    said = proc.stdout.replace(str(data), "/boneage/data")
+    assert "no dataset: the images folder /boneage/data/images/ and the labels file /boneage/data/labels.csv" in said
+    jobs = platform.jobs()
+    assert [(j["name"], j["restart"], j["runs"], j["status"]) for j in jobs] == \
+        [("check-data-boneage", "never", 1, "failed")]  # ran once; no training job, no restart loop
+
+    # 1. make download-data: the Kaggle token comes from Apolo secrets, never from a command line or a log.
+    for name, value in (("kaggle-username", "rehearsal-user"), ("kaggle-key", "k-SECRET-123")):
+        subprocess.run([*apolo, "secret", "add", name, value], env=platform.env, check=True, capture_output=True)
+    proc = platform.make("download-data")
+    assert "apolo logs download-data-boneage" in proc.stdout
+    download = platform.jobs()[-1]
+    assert (download["name"], download["status"], download["restart"], download["runs"]) == \
+        ("download-data-boneage", "succeeded", "never", 1), download["log"]
+    assert "k-SECRET-123" not in json.dumps(platform.calls()) + proc.stdout + proc.stderr + download["log"]
+    run = platform.parsed()[-1]
+    assert run.env()["KAGGLE_KEY"] == "secret:kaggle-key" and run.volumes()["/boneage/data"].mode == "rw"
+    assert sorted(p.name for p in data.iterdir()) == ["images", "labels.csv"]  # the one layout, no Kaggle names
+    assert len(list((data / "images").glob("*.png"))) == 24
+    assert (data / "labels.csv").read_text().splitlines()[0] == "id,boneage,male"
+
+    # 2. make upload-data: a local folder in the same layout lands in the same place.
+    local = tmp_path / "local-data"
+    shutil.copytree(data, local)
+    (local / "labels.csv").write_text((data / "labels.csv").read_text())
+    platform.make("upload-data", f"DATA_DIR={local}")
+    assert sorted(p.name for p in data.iterdir()) == ["images", "labels.csv"]
+
+    # 3. make setup (the image build runs as exec calls, recorded only).
+    platform.make("setup")
+    assert [j["status"] for j in platform.jobs() if j["name"] == "setup-boneage"] == ["cancelled"]
+
+    # 4. make training: the check passes, then the training job trains on the uploaded data (a tiny run on
+    # the CPU here: TRAINING_ENGINE=cpu on purpose).
+    proc = platform.make("training", "CONFIG=cpu-small", "TRAINING_ENGINE=cpu",
+                         "TRAIN_EXTRA=train.epochs=1 preprocess.size=48 train.batch_size=8 train.num_threads=2 "
+                         "data.val_fraction=0.25")
+    assert "data OK: 24 labelled images" in proc.stdout
+    check, training = platform.jobs()[-2:]
+    assert (check["name"], check["status"], training["name"], training["restart"]) == \
+        ("check-data-boneage", "succeeded", "training-boneage", "on-failure")
+    assert (training["status"], training["runs"]) == ("succeeded", 1), training["log"][-3000:]
+    assert (platform.root / "boneage" / "results" / "cpu-small" / "best.pt").is_file()
+
+    # 5. make jupyter: the notebook's data lookup, with the job's environment and mounts, picks the real data.
+    platform.make("jupyter")
+    run = platform.parsed()[-1]
+    assert [j["status"] for j in platform.jobs() if j["name"] == "jupyter-boneage"] == ["running"]
+    mounts = {m: platform.root / v.remote[len("storage:"):] for m, v in run.volumes().items()}
+    nb = json.loads((ROOT / "notebooks" / "demo.ipynb").read_text())
+    params = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    job_env = {k: str(mounts.get(v, v)) for k, v in run.env().items()}
+    scope: dict = {}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in job_env.items():
+            mp.setenv(k, v)
+        exec("".join(params["source"]), scope)  # the parameters cell, reading the job's environment
+    lookup = next(src for c in nb["cells"] if "find_notebook_data(DATA_DIR, REPO)" in (src := "".join(c["source"])))
+    assert "print(DATA_CHOICE)" in lookup
+    from boneage.data.check import find_notebook_data
+    found, said = find_notebook_data(scope["DATA_DIR"], None)  # no pyproject.toml in the job: REPO is None
+    assert found == data and said == f"data: real radiographs in {data} (DATA_DIR)"
+    # ... and on empty storage it would say, loudly, that it draws phantoms.
+    assert "NO REAL DATA" in find_notebook_data(str(tmp_path / "empty"), None)[1]
+
+    # 6. make kill: every job of the project that still runs (the Jupyter job) is terminated.
+    proc = platform.make("kill")
+    assert proc.stdout.startswith("apolo kill job-")
+    assert not [j for j in platform.jobs() if j["status"] in ("running", "pending")]
+    assert platform.make("kill").stdout.strip() == "No running or pending jobs tagged project:boneage."

@@ -91,12 +91,12 @@ def _check_outputs(summary: dict, out: Path, text: str) -> None:
     run_dir = Path(summary["run_dir"])
     assert (run_dir / "best.pt").is_file() and (run_dir / "metrics.json").is_file()
     assert (out / "eval" / "metrics.json").is_file()
-    records = list((out / "predictions").glob("*.json"))
+    records = list((out / "predictions").rglob("*.json"))  # reports/<shard>/<name>.json, heatmaps beside them
     assert records, "no per-image prediction reports"
     for path in records:
         record = json.loads(path.read_text())
         assert record["error"] is None and record["z_score"] is not None and record["category"]
-        assert record["heatmap"] and (out / "predictions" / record["heatmap"]).is_file()
+        assert record["heatmap"] and (path.parent / record["heatmap"]).is_file()
 
 
 @pytest.mark.slow

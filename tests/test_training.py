@@ -235,3 +235,29 @@ def test_a_split_without_validation_images_is_a_clear_error(tmp_path):
                                f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.01"])
     with pytest.raises(ConfigError, match=r"0 validation images.*data.val_fraction"):
         train(cfg, tmp_path / "run", workers=1)
+
+
+def test_engine_gpu_without_a_usable_gpu_fails_clearly_instead_of_training_on_the_cpu(tmp_path, monkeypatch, capsys):
+    """train.engine=gpu (what `make training` passes): no GPU, or one that cannot run a kernel (a driver too old
+    for the torch build, a CUDA init error), is a clear error before any work; engine cpu stays available."""
+    data = make_synth_dataset(tmp_path / "ph", 12, seed=0)
+    argv = ["train", "--config", "cpu-small", "--images", str(data / "images"), "--labels", str(data / "labels.csv"),
+            "--out", str(tmp_path / "run"), "--engine", "gpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "train.engine=gpu but PyTorch sees no usable CUDA GPU" in err and "driver too old" in err
+    assert "--engine cpu" in err and not (tmp_path / "run" / "last.pt").exists()
+
+    def broken_ones(*args, **kwargs):
+        if kwargs.get("device") == "cuda":
+            raise RuntimeError("CUDA error: the provided PTX was compiled with an unsupported toolchain.\nmore")
+        return real_ones(*args, **kwargs)
+
+    real_ones = torch.ones
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch, "ones", broken_ones)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the GPU cannot be used (RuntimeError: CUDA error: the provided PTX was compiled" in err
+    assert "more" not in err and not (tmp_path / "run" / "metrics.json").exists()

@@ -196,13 +196,6 @@ class _ServeWorkers(argparse.Action):
                      "use --threads N")
 
 
-def cmd_download(args: argparse.Namespace) -> int:
-    from boneage.data.download import download_rsna
-
-    download_rsna(args.out)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="boneage", formatter_class=HelpFormatter, epilog=EXAMPLES,
@@ -360,10 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     from boneage.dicom import node as dicom_node  # its flags live beside NodeOptions
     dicom_node.add_arguments(command("dicom-node", dicom_node.SUMMARY, dicom_node.EXAMPLES), _add_device_arg)
 
-    p = command("download", "fetch the RSNA data from Kaggle (needs an API token)")
-    p.add_argument("--out", default="data/rsna-bone-age", type=out_folder, metavar="DIR",
-                   help="where to put images/ and labels.csv")
-    p.set_defaults(func=cmd_download)
+    from boneage.data import check as data_check  # download and check-data: flags beside the code
+    data_check.add_arguments(command)
     return parser
 
 

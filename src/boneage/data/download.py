@@ -1,4 +1,5 @@
-"""Download the RSNA Pediatric Bone Age training set (Kaggle copy ``kmader/rsna-bone-age``).
+"""Download the RSNA Pediatric Bone Age training set (Kaggle copy ``kmader/rsna-bone-age``) into the one
+layout every reader expects: ``DIR/images/<id>.png`` + ``DIR/labels.csv`` (``id,boneage,male``).
 
 Uses the official ``kaggle`` client (``pip install 'boneage[download]'``) and your Kaggle API
 credentials. The data are under the RSNA terms: non-commercial research and education only.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from boneage.errors import BoneAgeError, DataError
@@ -66,13 +68,35 @@ def find_kaggle_layout(dest_dir: str | Path) -> tuple[Path, Path]:
     return labels, images
 
 
-def download_rsna(dest_dir: str | Path) -> Path:
-    """Download and unzip ``kmader/rsna-bone-age`` into ``dest_dir``; print and return where it is.
+def arrange_layout(dest_dir: str | Path) -> tuple[Path, Path]:
+    """Move a Kaggle copy's training set into ``images/`` + ``labels.csv`` (same CSV, same files, moved);
+    returns (labels, images). Already arranged: nothing to do."""
+    dest = Path(dest_dir)
+    labels, images = dest / "labels.csv", dest / "images"
+    if labels.is_file() and images.is_dir():
+        return labels, images
+    kaggle_labels, kaggle_images = find_kaggle_layout(dest)
+    if images.exists():
+        raise DataError(f"{images} exists but {labels} does not: move it away and rerun")
+    kaggle_images.rename(images)
+    outer = dest / TRAIN_IMAGES
+    if outer.is_dir() and not any(outer.iterdir()):
+        outer.rmdir()
+    shutil.move(str(kaggle_labels), str(labels))
+    return labels, images
 
-    Returns ``dest_dir``; ``find_kaggle_layout(dest_dir)`` gives the labels CSV and image folder.
+
+def download_rsna(dest_dir: str | Path) -> Path:
+    """Download and unzip ``kmader/rsna-bone-age`` into ``dest_dir``, then arrange its training set as
+    ``dest_dir/images/`` + ``dest_dir/labels.csv``; print and return ``dest_dir``.
+
+    A ``dest_dir`` that already holds ``images/`` and ``labels.csv`` is left as it is (nothing downloaded).
     Raises ``BoneAgeError`` with the steps to follow when the client or credentials are missing.
     """
     dest = Path(dest_dir)
+    if (dest / "labels.csv").is_file() and (dest / "images").is_dir():
+        print(f"{dest} already holds images/ and labels.csv: nothing to download (delete them to fetch again)")
+        return dest
     if importlib.util.find_spec("kaggle") is None:
         raise BoneAgeError(f"the kaggle package is not installed. {_HOW_TO}{RSNA_TERMS}")
     if kaggle_credentials() is None:
@@ -91,6 +115,7 @@ def download_rsna(dest_dir: str | Path) -> Path:
             f"network and credentials, and that you accepted the dataset's terms on "
             f"https://www.kaggle.com/datasets/{KAGGLE_DATASET}. {_HOW_TO}"
         ) from exc
-    labels, images = find_kaggle_layout(dest)
-    print(f"labels: {labels}\nimages: {images}\nconfig overrides: data.labels={labels} data.images={images}")
+    labels, images = arrange_layout(dest)
+    print(f"labels: {labels}\nimages: {images}\ntrain with: boneage train --config CONFIG "
+          f"--images {images} --labels {labels} --out runs/NAME")
     return dest

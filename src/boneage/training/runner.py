@@ -54,14 +54,30 @@ from boneage.transforms import build_transforms
 ENGINES = ("auto", "cpu", "gpu", "ddp")
 
 
+def require_usable_gpu(cuda: bool) -> None:
+    """``train.engine=gpu``: a visible GPU that runs a kernel, else a clear ``ConfigError`` (never the CPU)."""
+    if not cuda:
+        raise ConfigError("train.engine=gpu but PyTorch sees no usable CUDA GPU (none in this machine or job, "
+                          "CUDA_VISIBLE_DEVICES empty, a CPU-only torch build, or a driver too old for torch "
+                          f"{torch.__version__} built for CUDA {torch.version.cuda}); use --engine cpu (or "
+                          "train.engine=auto) to train on the CPU on purpose")
+    try:
+        (torch.ones(8, device="cuda") * 2).sum().item()
+    except Exception as exc:  # a CUDA init error, no kernel image for this GPU, a driver too old ...
+        first = (str(exc).strip().splitlines() or [repr(exc)])[0]
+        raise ConfigError(f"train.engine=gpu but the GPU cannot be used ({type(exc).__name__}: {first}); torch "
+                          f"{torch.__version__} is built for CUDA {torch.version.cuda}: use an image whose torch "
+                          "matches the driver, or --engine cpu to train on the CPU on purpose") from exc
+
+
 def build_engine(cfg: Config) -> dl.Engine:
     """The Catalyst engine for ``train.engine`` (``auto``: GPU if available, else CPU)."""
     t = cfg.train
     if t.engine not in ENGINES:
         raise ConfigError(f"train.engine '{t.engine}' is unknown; use one of {', '.join(ENGINES)}")
     cuda = torch.cuda.is_available()
-    if t.engine == "gpu" and not cuda:
-        raise ConfigError("train.engine=gpu but no CUDA device is visible; use --engine cpu")
+    if t.engine == "gpu":
+        require_usable_gpu(cuda)
     precision = "fp16" if (t.amp and cuda) else "no"
     if t.engine == "ddp":
         backend = t.ddp_backend if cuda else "gloo"
@@ -289,6 +305,8 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
         raise ConfigError("train.unfreeze_at < 1 with train.engine=ddp: DistributedDataParallel fixes the trained "
                           "parameters when it starts, so stages unfrozen later would not be synchronised; use "
                           "train.unfreeze_at=1.0 (frozen throughout) or train.freeze_stages=0 under DDP")
+    if cfg.train.engine == "gpu":  # before any work (caching the data takes long): never the CPU by surprise
+        require_usable_gpu(torch.cuda.is_available())
     m = cfg.model
     check_model_args(m.name, task=m.task, sex_input=m.sex_input, dropout=m.dropout, width=m.width)  # before any work
     run_dir = Path(run_dir)
