@@ -79,6 +79,49 @@ def remove_partial_files(folder: str | Path) -> list[Path]:
     return removed
 
 
+def writable_dir(path: str | Path, flag: str) -> Path:
+    """Create the output folder ``path`` and prove it is writable (before any model loads), then remove the temp
+    files of writes killed in an earlier run; ``BoneAgeError`` naming ``flag`` and the reason otherwise."""
+    from boneage.errors import BoneAgeError
+
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".boneage-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BoneAgeError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); give a folder you can "
+                           "write to") from exc
+    remove_partial_files(folder)
+    return folder
+
+
+def truncate_torn_line(path: str | Path, block: int = 1 << 16) -> int:
+    """Cut ``path`` after its last newline if it does not end with one (an append killed midway): the bytes cut,
+    0 if none. Reads backwards a block at a time, so a large table is never read whole."""
+    with Path(path).open("r+b") as fh:
+        size = end = fh.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        fh.seek(size - 1)
+        if fh.read(1) == b"\n":
+            return 0
+        keep = 0
+        while end > 0:
+            start = max(0, end - block)
+            fh.seek(start)
+            cut = fh.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return size - keep
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

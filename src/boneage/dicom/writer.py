@@ -28,21 +28,11 @@ NAME_HEX = 16  # as report_stem's names of inputs without a name hint
 def check_dicom_out(out: str | Path) -> Path:
     """Before any model loads: the packages are there, and ``out`` exists (created) and is writable;
     ``BoneAgeError`` naming what to do otherwise."""
-    from boneage.atomic import remove_partial_files
+    from boneage.atomic import writable_dir
 
     if any(importlib.util.find_spec(name) is None for name in ("highdicom", "pydicom")):
         raise BoneAgeError(PACS_MISSING)
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".boneage-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise BoneAgeError(f"--dicom-out {out}: cannot write there ({exc.strerror or exc}); give a folder you can "
-                           "write to") from exc
-    remove_partial_files(path)
-    return path
+    return writable_dir(out, "--dicom-out")
 
 
 class DicomWriter:

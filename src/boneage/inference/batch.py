@@ -122,19 +122,9 @@ class PredictOptions:
 
 def check_out_dir(out: str | Path) -> Path:
     """Create ``out`` and prove it is writable, before any model loads; ``BoneAgeError`` naming the reason."""
-    from boneage.atomic import remove_partial_files
+    from boneage.atomic import writable_dir
 
-    path = Path(out)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".boneage-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise BoneAgeError(f"--out {out}: cannot write there ({exc.strerror or exc}); give a folder you can "
-                           "write to") from exc
-    remove_partial_files(path)  # temp files of writes killed in an earlier run
-    return path
+    return writable_dir(out, "--out")
 
 
 def skipped_record(skip: Skipped, options: AnalysisOptions) -> dict[str, Any]:

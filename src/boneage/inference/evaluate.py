@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from boneage.atomic import write_text
+from boneage.atomic import truncate_torn_line as cut_torn_line, write_text
 from boneage.data.cache import PreparedCache, default_cache_dir, prepare_cache
 from boneage.data.rsna import read_labels
 from boneage.evaluation import evaluation_report, save_plots, write_results
@@ -230,26 +230,7 @@ def _resume_problem(path: Path, sidecar: Path, settings: dict[str, Any], columns
 
 def truncate_torn_line(path: Path, block: int = 1 << 16) -> bool:
     """Cut ``path`` after its last newline if it does not end with one (a write killed midway); True if it did."""
-    with path.open("r+b") as fh:
-        end = fh.seek(0, os.SEEK_END)
-        if end == 0:
-            return False
-        fh.seek(end - 1)
-        if fh.read(1) == b"\n":
-            return False
-        keep = 0
-        while end > 0:  # backwards, a block at a time: the file is never read whole
-            start = max(0, end - block)
-            fh.seek(start)
-            cut = fh.read(end - start).rfind(b"\n")
-            if cut >= 0:
-                keep = start + cut + 1
-                break
-            end = start
-        fh.truncate(keep)
-        fh.flush()
-        os.fsync(fh.fileno())
-    return True
+    return cut_torn_line(path, block) > 0
 
 
 def append_rows(fh: BinaryIO, ids: Sequence[str], values: Sequence[np.ndarray], *,

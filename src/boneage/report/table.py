@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from boneage.atomic import PARTIAL_SUFFIX, remove_partial_files
+from boneage.atomic import PARTIAL_SUFFIX, remove_partial_files, truncate_torn_line
 from boneage.errors import BoneAgeError
 from boneage.report.csv_report import _cell
 from boneage.report.fields import SCHEMA
@@ -198,22 +198,9 @@ class CsvTable:
 
     def _cut_torn_tail(self) -> None:
         """Cut the file back to the end of its last complete line (a kill mid-write leaves a torn row)."""
-        with open(self.path, "r+b") as fh:
-            size = end = fh.seek(0, os.SEEK_END)
-            while end > 0:
-                start = max(0, end - 65_536)
-                fh.seek(start)
-                nl = fh.read(end - start).rfind(b"\n")
-                if nl >= 0:
-                    end = start + nl + 1
-                    break
-                end = start
-            if end < size:
-                fh.truncate(end)
-                fh.flush()
-                os.fsync(fh.fileno())
-                log.warning("%s: removed a torn last row (%d bytes) left by an interrupted run", self.path,
-                            size - end)
+        cut = truncate_torn_line(self.path)
+        if cut:
+            log.warning("%s: removed a torn last row (%d bytes) left by an interrupted run", self.path, cut)
 
     def _read_done(self) -> DoneSet:
         with open(self.path, newline="", encoding="utf-8", errors="replace") as fh:
