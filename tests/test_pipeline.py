@@ -155,3 +155,17 @@ def test_golden_inputs_are_fixed(tmp_path):
     first = [Path(p).read_bytes() for p, _ in golden_inputs(tmp_path / "a")]
     second = [Path(p).read_bytes() for p, _ in golden_inputs(tmp_path / "b")]
     assert [hashlib.sha256(b).digest() for b in first[:3]] == [hashlib.sha256(b).digest() for b in second[:3]]
+
+
+def test_inference_normalisation_is_the_training_eval_transform():
+    """``preprocess.normalise`` (numpy: ONNX inference needs no albumentations) equals the eval transform training
+    validates with, so inference and training see the same pixel values."""
+    from boneage.config import AugmentConfig
+    from boneage.preprocess import normalise
+    from boneage.transforms import build_transforms
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    images[0, 0, :2] = (0, 255)  # both ends of the range
+    transform = build_transforms(AugmentConfig(level="light"), "eval")
+    expected = np.stack([transform(image=img)["image"] for img in images]).astype(np.float32)[:, None]
+    np.testing.assert_allclose(normalise(images), expected, rtol=0, atol=1e-6)
