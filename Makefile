@@ -163,8 +163,9 @@ RAY_LIFE_SPAN ?= 1d
 
 ##### TRAINING #####
 
-# Shipped config name (lite0-gpu, cpu-small, paper-m46, resnet50, inceptionv3, bonenet-s) or a YAML path.
-# Default: lite0-gpu, the best GPU config for full-size data we ship (the GPU-training issue may add lite2-gpu).
+# Shipped config name (lite0-gpu, lite2-gpu, lite0-gpu-299, lite2-gpu-299, cpu-small, paper-m46, resnet50,
+# inceptionv3, bonenet-s) or a YAML path. Default: lite0-gpu (full-size data, 512 px). Neither GPU config is
+# measured yet; lite2-gpu is the larger EfficientNet-Lite2, the -299 configs are for the 299-px shared sample.
 CONFIG ?= lite0-gpu
 # train.engine of the single-GPU job: gpu fails with a clear error when the job has no usable GPU (never a
 # silent CPU run); cpu trains on the CPU on purpose, auto takes the GPU when there is one.
@@ -753,6 +754,11 @@ bench-serve: ## Load-test the web service
 .PHONY: bench-ood
 bench-ood: ## Out-of-distribution refusal: false refusals (held-out split) and non-hand refusals of OOD_CHECKPOINT
 	$(PYTHON) -m benchmarks.ood --checkpoint $(OOD_CHECKPOINT)
+
+.PHONY: gpu-recipe-pack
+gpu-recipe-pack: ## Pack the shared sample (WebP), fp16 weights and wheels into .gpu/ for the GPU run; print its device command
+	$(PYTHON) -m benchmarks.gpu_recipe pack
+	bash benchmarks/gpu_recipe/device.sh
 
 .PHONY: screenshots
 screenshots: ## Regenerate docs/sample_report.html, img/sample_report.png, img/serve_page.png (after make demo)

@@ -108,3 +108,46 @@ def test_archive_benchmark_quick_path(tmp_path, rsna_dir):
     assert _positive(full["profile_workers0"]["stages_cumulative_s"]["decode (read_image)"])
     assert "Predict over an archive" in (out / "RESULTS.md").read_text()
     assert work.is_dir() and not any(work.iterdir())  # inputs and outputs deleted
+
+
+def test_train_throughput_compares_the_full_step_with_the_model_alone(tmp_path):
+    """``benchmarks.train_throughput`` on phantoms, tiny: both data paths' full step, the model-only step and
+    their ratio are in the result file and its rendered section."""
+    out = tmp_path / "results"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.train_throughput", "--device", "cpu", "--config",
+                           "bonenet-s", "--batch-size", "4", "--warmup", "1", "--steps", "2", "--rounds", "1",
+                           "--threads", "1", "--rsna", str(tmp_path / "absent"), "--out", str(out),
+                           "--work-dir", str(tmp_path / "work"), "--note", "smoke test"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r = json.loads((out / "train_throughput.json").read_text())
+    assert r["config"] == "bonenet-s" and r["batch_size"] == 4 and r["device"] == "cpu" and r["torch_threads"] == 1
+    assert "phantoms" in r["data"] and "smoke test" in r["notes"] and r["hardware"]["torch"] and r["date"]
+    assert [x["loader"] for x in r["rows"]] == ["workers", "device"]
+    for x in r["rows"]:
+        assert _positive(x["full_images_per_s"]) and _positive(x["model_images_per_s"])
+        assert x["ratio"] == pytest.approx(x["full_images_per_s"] / x["model_images_per_s"])
+        assert x["full_images_per_s"] == pytest.approx(4 * 2 / x["full_round_s"][0], rel=0.05)  # median of 1 round
+    assert r["rows"][0]["model_images_per_s"] == r["rows"][1]["model_images_per_s"]  # one model-only measurement
+    assert all(_positive(x["data_only_images_per_s"]) for x in r["rows"]) and r["mode"] == "full"
+    md = render_results(out).read_text()
+    assert "Training step: data path vs model" in md and f"{r['rows'][1]['ratio']:.2f} |" in md
+
+
+def test_cpu_ablation_rows_are_read_from_the_run_folders_metrics(tmp_path):
+    from benchmarks.cpu_ablation import render_md, row_result
+
+    run = tmp_path / "device"
+    run.mkdir()
+    history = [{"epoch": 1, "train": {"n": 5728.0}, "valid": {"mae_months": 11.53}},
+               {"epoch": 2, "train": {"n": 1000.0}, "valid": None}]
+    (run / "metrics.json").write_text(json.dumps({
+        "best": {"mae_months": 11.534, "epoch": 1, "within_12_months_pct": 61.23}, "epochs_done": 2,
+        "elapsed_s": 580.1, "history": history}))
+    row = row_result("device", run, 608.14)
+    assert row == {"row": "device", "overrides": ["data.loader=device"], "epochs_done": 2, "images_trained": 6728,
+                   "best_val_mae_months": 11.53, "best_epoch": 1, "best_within_12_months_pct": 61.2,
+                   "val_mae_by_epoch": [11.53, None], "train_elapsed_s": 580.1, "command_wall_s": 608.1}
+    md = render_md({"minutes": 10, "epochs": 5, "rows": [row], "notes": ["one run"], "hardware": {}, "date": "x"})
+    assert "| device | `data.loader=device` | 2 | 6,728 | 11.53 | 61.2 % | 11.5, - | 608.1 |" in md
+    assert md[-1] == "- one run"

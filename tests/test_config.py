@@ -6,7 +6,8 @@ import yaml
 from boneage.config import Config, load_config, shipped_configs
 from boneage.errors import ConfigError
 
-SHIPPED = ["cpu-small", "bonenet-s", "lite0-gpu", "paper-m46", "resnet50", "inceptionv3"]
+SHIPPED = ["cpu-small", "bonenet-s", "lite0-gpu", "lite2-gpu", "lite0-gpu-299", "lite2-gpu-299", "paper-m46",
+           "resnet50", "inceptionv3"]
 
 
 def test_every_issue_config_is_shipped():

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from boneage.training.ema import EmaCallback, ModelEma
+from boneage.training.record import RunRecord
 from boneage.training.runner import param_groups
 
 
@@ -73,13 +74,15 @@ def test_callback_on_a_fake_runner_updates_only_in_training() -> None:
     model = _net()
     engine = types.SimpleNamespace(unwrap_model=lambda m: m)
     runner = types.SimpleNamespace(model=model, engine=engine, is_train_loader=True)
-    callback = EmaCallback(0.9)
+    record = RunRecord()
+    callback = EmaCallback(record, 0.9)
     callback.on_experiment_start(runner)
-    assert isinstance(runner.ema, ModelEma) and runner.ema.updates == 0
+    assert isinstance(record.ema, ModelEma) and record.ema.updates == 0  # on the run record, not the runner
+    assert not hasattr(runner, "ema")
     callback.on_batch_end(runner)
     runner.is_train_loader = False
     callback.on_batch_end(runner)  # a validation batch: no update
-    assert runner.ema.updates == 1
+    assert record.ema.updates == 1
 
 
 def test_param_groups_give_the_encoder_its_own_lr() -> None:
@@ -98,7 +101,7 @@ def test_cpu_small_recipe_trains_saves_ema_and_resumes_exactly(tmp_path, monkeyp
     from boneage.checkpoint import load_checkpoint
     from boneage.config import load_config
     from boneage.data.synth import make_synth_dataset
-    from boneage.training.history import MetricsFileCallback
+    from boneage.training.epoch_end import EpochEndCallback
     from boneage.training.runner import train
 
     data = make_synth_dataset(tmp_path / "phantoms", 40, seed=2)
@@ -118,14 +121,14 @@ def test_cpu_small_recipe_trains_saves_ema_and_resumes_exactly(tmp_path, monkeyp
     key = "encoder.blocks.3.0.conv_pw.weight"  # a trained tensor (cpu-small freezes the stem and stages 0-1)
     assert not torch.equal(last["model"][key], last["train_model"][key])
 
-    save = MetricsFileCallback.on_epoch_end  # the last file an epoch writes
+    save = EpochEndCallback.on_epoch_end  # everything an epoch writes: best.pt, last.pt, metrics.json
 
     def save_then_die(self, runner):
         save(self, runner)
         raise KeyboardInterrupt("killed")
 
     cut = tmp_path / "cut"
-    monkeypatch.setattr(MetricsFileCallback, "on_epoch_end", save_then_die)
+    monkeypatch.setattr(EpochEndCallback, "on_epoch_end", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(cfg(), cut, workers=1)
     monkeypatch.undo()

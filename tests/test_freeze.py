@@ -124,7 +124,6 @@ def test_unfreeze_at_lets_the_frozen_stages_train_for_the_last_epochs(phantoms, 
 
 
 def test_late_unfreezing_is_refused_under_ddp(phantoms, tmp_path):
-    cfg = load_config("cpu-small", _overrides(phantoms, tmp_path, "train.epochs=2", "train.unfreeze_at=0.5",
-                                              "train.engine=ddp", "train.anneal_by=steps"))
-    with pytest.raises(ConfigError, match="DistributedDataParallel"):
-        train(cfg, tmp_path / "run", workers=1)
+    with pytest.raises(ConfigError, match="DistributedDataParallel"):  # when the config is built (check_config)
+        load_config("cpu-small", _overrides(phantoms, tmp_path, "train.epochs=2", "train.unfreeze_at=0.5",
+                                            "train.engine=ddp", "train.anneal_by=steps"))

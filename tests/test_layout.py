@@ -19,22 +19,25 @@ def _name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _top_level_imports(path: Path) -> set[str]:
-    """boneage modules imported when ``path`` is imported: module-level statements only (not inside functions,
-    not under ``if TYPE_CHECKING``)."""
+def _imports(path: Path) -> set[str]:
+    """boneage modules that ``path`` imports anywhere: at module level and inside functions, classes and ``try``
+    (an import deferred into a function still closes a cycle, it only hides it until run time); not the body
+    of an ``if TYPE_CHECKING:`` block, which never runs."""
     found: set[str] = set()
     known = {_name(p) for p in MODULES}
     tree = ast.parse(path.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+    type_only = {id(sub) for node in ast.walk(tree)
+                 if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+                 for stmt in node.body for sub in ast.walk(stmt)}
+    for sub in ast.walk(tree):
+        if id(sub) in type_only:
             continue
-        for sub in ([node] if not isinstance(node, (ast.Try, ast.If)) else ast.walk(node)):
-            if isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0 and sub.module.startswith("boneage"):
-                for alias in sub.names:
-                    full = f"{sub.module}.{alias.name}"
-                    found.add(full if full in known else sub.module)
-            elif isinstance(sub, ast.Import):
-                found.update(a.name for a in sub.names if a.name.startswith("boneage"))
+        if isinstance(sub, ast.ImportFrom) and sub.module and sub.level == 0 and sub.module.startswith("boneage"):
+            for alias in sub.names:
+                full = f"{sub.module}.{alias.name}"
+                found.add(full if full in known else sub.module)
+        elif isinstance(sub, ast.Import):
+            found.update(a.name for a in sub.names if a.name.startswith("boneage"))
     return found
 
 
@@ -44,7 +47,7 @@ def test_modules_stay_small(path):
 
 
 def test_there_are_no_import_cycles():
-    graph = {_name(p): _top_level_imports(p) - {_name(p)} for p in MODULES}
+    graph = {_name(p): _imports(p) - {_name(p)} for p in MODULES}
     for name in graph:  # a package's __init__ is imported before its modules: an edge to it is no cycle
         graph[name] = {d for d in graph[name] if not name.startswith(d + ".")}
     state: dict[str, int] = {}
@@ -68,7 +71,19 @@ def test_there_are_no_import_cycles():
 def test_the_cycle_check_sees_a_cycle(tmp_path):
     a = tmp_path / "a.py"
     a.write_text("from boneage.models import registry\nimport boneage.io\n")
-    assert _top_level_imports(a) == {"boneage.models.registry", "boneage.io"}
+    assert _imports(a) == {"boneage.models.registry", "boneage.io"}
+
+
+def test_the_cycle_check_sees_imports_inside_functions_but_not_type_checking_blocks(tmp_path):
+    a = tmp_path / "a.py"
+    a.write_text("from typing import TYPE_CHECKING\n"
+                 "if TYPE_CHECKING:\n    from boneage.config import Config\n"
+                 "else:\n    import boneage.errors\n"
+                 "class A:\n    def f(self):\n        try:\n"
+                 "            from boneage.models.registry import create_model\n"
+                 "        except ImportError:\n            pass\n"
+                 "def g():\n    def h():\n        import boneage.io\n")
+    assert _imports(a) == {"boneage.models.registry", "boneage.io", "boneage.errors"}
 
 
 def test_inference_imports_no_training_package():

@@ -63,9 +63,22 @@ def _archive_cell(row: str, column: str) -> Path_ | None:
     return None
 
 
+def _gpu_recipe_cell(row: str, column: str) -> Path_ | None:
+    """``benchmarks/gpu_recipe/render.py``'s README table: one row per config and TTA setting."""
+    name, mode = row.split(",")[0].strip(), "tta" if "--tta" in row else "plain"
+    if column.startswith("mae"):
+        return ("runs", name, "val", mode, "mae_months")
+    if "12 months" in column:
+        return ("runs", name, "val", mode, "within_12_months_pct")
+    if column.startswith("training s") and mode == "plain":
+        return ("runs", name, "train", "wall_s")
+    return None
+
+
 _TABLES: dict[str, Callable[[str, str], Path_ | None]] = {
     "recipe.json": _recipe_cell,
     "archive.json": _archive_cell,
+    "gpu_recipe.json": _gpu_recipe_cell,
 }
 
 

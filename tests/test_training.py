@@ -16,7 +16,7 @@ from boneage.config import load_config
 from boneage.data.synth import make_synth_dataset
 from boneage.errors import CheckpointError, ConfigError
 from boneage.training.callbacks import TimeBudgetCallback
-from boneage.training.history import MetricsFileCallback
+from boneage.training.epoch_end import EpochEndCallback
 from boneage.training.runner import train
 
 # The compact from-scratch CNN at width 0.5: these tests are about the training machinery, not a recipe.
@@ -89,14 +89,14 @@ def test_resume_continues_where_it_stopped(phantoms, tmp_path, monkeypatch):
     train(_cfg(phantoms, tmp_path, "train.epochs=3"), full, workers=1)
 
     cut = tmp_path / "cut"
-    save = MetricsFileCallback.on_epoch_end  # the last file an epoch writes (after best.pt and last.pt)
+    save = EpochEndCallback.on_epoch_end  # everything an epoch writes: best.pt, last.pt, metrics.json
 
     def save_then_die(self, runner):
         save(self, runner)
         if runner.epoch_step == 1:
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(MetricsFileCallback, "on_epoch_end", save_then_die)
+    monkeypatch.setattr(EpochEndCallback, "on_epoch_end", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(phantoms, tmp_path, "train.epochs=3"), cut, workers=1)
     monkeypatch.undo()
@@ -261,3 +261,103 @@ def test_engine_gpu_without_a_usable_gpu_fails_clearly_instead_of_training_on_th
     err = capsys.readouterr().err
     assert "the GPU cannot be used (RuntimeError: CUDA error: the provided PTX was compiled" in err
     assert "more" not in err and not (tmp_path / "run" / "metrics.json").exists()
+
+
+# --- one config check at load, tables keyed by the config's names, AMP ------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, allowed, message", [
+    (["data.n_folds=5", "data.fold=5"], ["data.n_folds=5", "data.fold=4"], "data.fold=5 must be below data.n_folds=5"),
+    (["data.n_folds=1"], ["data.n_folds=2"], "data.n_folds=1 makes no split"),
+    (["train.anneal_by=time", "train.scheduler=cosine"], ["train.anneal_by=time", "train.scheduler=onecycle"],
+     "train.anneal_by=time is for train.scheduler=onecycle"),
+    (["train.anneal_by=time", "train.engine=ddp"], ["train.anneal_by=steps", "train.engine=ddp"],
+     "each process would read its own clock"),
+    (["train.engine=ddp", "train.freeze_stages=2", "train.unfreeze_at=0.5"],
+     ["train.engine=ddp", "train.freeze_stages=2", "train.unfreeze_at=1.0"],
+     "stages unfrozen later would not be synchronised"),
+])
+def test_every_cross_field_rule_is_checked_when_the_config_is_built(overrides, allowed, message):
+    """One check (boneage.config.check_config) at load: a YAML with overrides, CLI flags (with_values) and a config
+    changed in code (Config.validate, which train() runs first) are all refused, with the same message; the
+    neighbouring combination is accepted."""
+    import yaml
+
+    from boneage.config import with_values
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(CONFIG, overrides)
+    typed = {key: yaml.safe_load(value) for key, value in (o.split("=") for o in overrides)}
+    with pytest.raises(ConfigError, match=message):
+        with_values(load_config(CONFIG), typed, "command line")
+    cfg = load_config(CONFIG)
+    for key, value in typed.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate()
+    load_config(CONFIG, allowed)  # no error
+
+
+def test_every_name_the_config_accepts_has_a_table_entry():
+    import typing
+
+    from boneage.config import EngineName, LossName, OptimizerName, SchedulerName, TrainConfig
+    from boneage.training.components import ENGINES, LOSSES, OPTIMIZERS, SCHEDULERS
+
+    hints = typing.get_type_hints(TrainConfig)
+    for field, names, table in [("optimizer", OptimizerName, OPTIMIZERS), ("scheduler", SchedulerName, SCHEDULERS),
+                                ("loss", LossName, LOSSES), ("engine", EngineName, ENGINES)]:
+        assert typing.get_args(hints[field]) == typing.get_args(names), field  # the field is declared by the alias
+        assert list(table) == list(typing.get_args(names)), field  # one entry per name, nothing else
+
+
+def test_the_tables_build_what_they_name():
+    from boneage.training.budget import Budget
+    from boneage.training.components import LOSSES, OPTIMIZERS, SCHEDULERS
+    from boneage.training.schedule import BudgetOneCycleLR
+
+    t = load_config(CONFIG).train
+    model = torch.nn.Linear(2, 1)
+    kinds = {name: type(make([{"params": list(model.parameters())}], 0.01, t)) for name, make in OPTIMIZERS.items()}
+    assert kinds == {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+    assert {name: type(make()) for name, make in LOSSES.items()} == {
+        "l1": torch.nn.L1Loss, "smooth_l1": torch.nn.SmoothL1Loss, "mse": torch.nn.MSELoss}
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    built = {name: type(make(opt, t, 5, None)).__name__ for name, make in SCHEDULERS.items()}
+    assert built == {"onecycle": "OneCycleLR", "cosine": "CosineAnnealingLR", "plateau": "ReduceLROnPlateau",
+                     "none": "NoneType"}
+    timed = load_config(CONFIG, ["train.anneal_by=time"]).train
+    assert isinstance(SCHEDULERS["onecycle"](opt, timed, 5, Budget(0.0, 60.0)), BudgetOneCycleLR)
+
+
+@pytest.mark.parametrize("amp, cuda, bf16, expected", [
+    (True, True, True, "bf16"), (True, True, False, "fp16"), (False, True, True, "no"), (True, False, True, "no")])
+def test_amp_uses_bf16_where_the_gpu_supports_it(monkeypatch, amp, cuda, bf16, expected):
+    from boneage.training import components
+
+    monkeypatch.setattr(components.torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert components.mixed_precision(amp, cuda) == expected
+
+
+def test_train_returns_the_summary_and_reads_last_pt_once_on_resume(phantoms, tmp_path, monkeypatch):
+    """The summary train() returns is metrics.json's content plus wall_s_this_call; best.pt carries the gate; on
+    --resume last.pt (and best.pt, for the best so far) is read once each."""
+    from boneage.training import runner as runner_module
+
+    run = tmp_path / "run"
+    first = train(_cfg(phantoms, tmp_path, "train.epochs=1"), run, workers=1)
+    assert {k: v for k, v in first.items() if k != "wall_s_this_call"} == json.loads((run / "metrics.json").read_text())
+    assert first["wall_s_this_call"] > 0 and "ood" in load_checkpoint(run / "best.pt")
+    (run / "metrics.json").unlink()  # what the next call returns does not come from this file
+
+    reads = []
+    real = runner_module.load_checkpoint
+    monkeypatch.setattr(runner_module, "load_checkpoint", lambda path, *a, **k: reads.append(Path(path).name)
+                        or real(path, *a, **k))
+    # a finished run resumed: no epoch left to train, the final best.pt written again from memory
+    resumed = train(_cfg(phantoms, tmp_path, "train.epochs=1"), run, resume=True, workers=1)
+    assert sorted(reads) == ["best.pt", "last.pt"]
+    assert resumed["epochs_done"] == 1 and resumed["best"] == first["best"]
+    state = load_checkpoint(run / "best.pt")
+    assert "ood" in state and state["metrics"] == first["best"]

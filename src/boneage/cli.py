@@ -6,7 +6,6 @@ Errors a user can cause (``BoneAgeError``) become one line on stderr and exit st
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from boneage import __version__
 from boneage.device import PRECISIONS
 from boneage.cli_types import (HelpFormatter, device_name, int_in, interval_level, out_folder,  # noqa: F401
                                positive_float)
+from boneage.cli_types import log_to_stderr as _logging, options_from_args as _options
 from boneage.errors import BoneAgeError
 
 
@@ -150,21 +150,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return run_predict(_options(PredictOptions, args, checkpoints=args.checkpoint))
 
 
-def _logging(quiet: bool, verbose: bool) -> None:
-    """Messages of ``boneage.*`` loggers on stderr: warnings and progress by default, errors only with
-    ``--quiet``, everything with ``--verbose``."""
-    import logging
-
-    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("boneage %(name)s: %(levelname)s: %(message)s" if verbose
-                                           else "%(name)s: %(message)s"))
-    root = logging.getLogger("boneage")
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    root.propagate = False
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from boneage.inference.onnx import export_onnx
 
@@ -179,12 +164,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     service = _options(ServiceOptions, args, checkpoints=args.checkpoint)
     return run_server(ServerOptions(service=service, host=args.host, port=args.port))
-
-
-def _options(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
-    """A typed options dataclass from the parsed flags: every field whose name is a flag's destination."""
-    names = {f.name for f in dataclasses.fields(cls)} - set(given)
-    return cls(**given, **{n: getattr(args, n) for n in names if hasattr(args, n)})
 
 
 class _ServeWorkers(argparse.Action):
@@ -226,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("train", "train a model with Catalyst (one line per epoch; progress bars on a terminal)",
                 TRAIN_EXAMPLES)
-    p.add_argument("--config", required=True, help="shipped config name (cpu-small, paper-m46, resnet50, "
-                   "inceptionv3) or a YAML path")
+    from boneage.config import shipped_configs
+
+    p.add_argument("--config", required=True,
+                   help=f"shipped config name ({', '.join(shipped_configs())}) or a YAML path")
     _add_data_args(p, required=False)
     p.add_argument("--out", required=True, type=out_folder, metavar="DIR",
                    help="run folder: best.pt, last.pt, config.yaml, metrics.json, logs")

@@ -1,11 +1,15 @@
-"""The argparse side of the ``boneage`` command: value types that name the flag in their errors, and the help
-formatter. ``boneage.cli`` builds the parser from these."""
+"""The argparse side of the ``boneage`` command: value types that name the flag in their errors, the help
+formatter, the typed options from the parsed flags and the log handler. ``boneage.cli`` builds the parser from
+these; subcommands that live beside their code (``boneage.dicom.node``) use them without importing the CLI."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import sys
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 from boneage.errors import BoneAgeError
@@ -81,3 +85,24 @@ def out_folder(text: str) -> str:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write in {probe} (permission denied); choose another folder")
     return text
+
+
+def options_from_args(cls: Any, args: argparse.Namespace, **given: Any) -> Any:
+    """A typed options dataclass from the parsed flags: every field whose name is a flag's destination."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(given)
+    return cls(**given, **{n: getattr(args, n) for n in names if hasattr(args, n)})
+
+
+def log_to_stderr(quiet: bool, verbose: bool) -> None:
+    """Messages of ``boneage.*`` loggers on stderr: warnings and progress by default, errors only with
+    ``--quiet``, everything with ``--verbose``."""
+    import logging
+
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("boneage %(name)s: %(levelname)s: %(message)s" if verbose
+                                           else "%(name)s: %(message)s"))
+    root = logging.getLogger("boneage")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False

@@ -48,6 +48,13 @@ Positive = Annotated[int, Range(1)]
 NonNegative = Annotated[int, Range(0)]
 Fraction = Annotated[float, Range(0.0, 1.0, hi_open=True)]  # [0, 1)
 
+# The closed sets of names the training runner builds from tables keyed by these very Literals
+# (``boneage.training.components``; tests/test_training.py checks every value has an entry).
+OptimizerName = Literal["adam", "adamw", "sgd"]
+SchedulerName = Literal["onecycle", "cosine", "plateau", "none"]
+LossName = Literal["l1", "smooth_l1", "mse"]
+EngineName = Literal["auto", "cpu", "gpu", "ddp"]
+
 
 @dataclass
 class DataConfig:
@@ -63,6 +70,9 @@ class DataConfig:
     skip_bad: bool = False
     limit: Positive | None = None  # use only the first N rows (after a seeded shuffle): quick runs
     num_workers: Annotated[int, Range(0, 256)] = 0
+    # workers: DataLoader + albumentations per image on the CPU; device: the split's cached images copied to the
+    # training device once, batches sampled and augmented there (``boneage.data.device_batches``)
+    loader: Literal["workers", "device"] = "workers"
 
 
 @dataclass
@@ -82,6 +92,9 @@ class AugmentConfig:
 
     level: Literal["none", "paper", "light", "strong"] = "light"
     hflip: bool = False  # left hands only: a flip makes a right hand, off by default
+    # data.loader=device only: the first epoch's training size in px, growing to preprocess.size by half the epochs
+    # (progressive resizing, ``boneage.augment_batch.progressive_size``); None: preprocess.size throughout
+    progressive_start: Annotated[int, Range(16, 4096)] | None = None
 
 
 @dataclass
@@ -113,16 +126,16 @@ class TrainConfig:
     warmup_pct: Annotated[float, Range(0.0, 1.0, lo_open=True, hi_open=True)] = 0.2
     ema_decay: Fraction = 0.0  # > 0: validate and save an exponential moving average of the weights
     weight_decay: Annotated[float, Range(0.0, 10.0)] = 1e-4
-    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
-    scheduler: Literal["onecycle", "cosine", "plateau", "none"] = "onecycle"
-    loss: Literal["l1", "smooth_l1", "mse"] = "l1"
+    optimizer: OptimizerName = "adamw"
+    scheduler: SchedulerName = "onecycle"
+    loss: LossName = "l1"
     early_stopping_patience: NonNegative = 0  # 0: off
     # wall-clock budget: stop after the epoch that crosses it
     max_minutes: Annotated[float, Range(0.0, lo_open=True)] | None = None
     # one-cycle only. steps: anneal at the end of train.epochs; time: at the end of train.epochs or of
     # train.max_minutes (if set), whichever comes first (``boneage.training.schedule``): a slow machine still anneals
     anneal_by: Literal["steps", "time"] = "steps"
-    engine: Literal["auto", "cpu", "gpu", "ddp"] = "auto"
+    engine: EngineName = "auto"
     ddp_workers: Annotated[int, Range(1, 1024)] = 2  # processes for engine=ddp
     ddp_backend: Literal["nccl", "gloo"] = "nccl"  # nccl on GPU, gloo on CPU
     # batch_size is per process, so DDP's effective batch is batch_size x processes; the LR for it:
@@ -152,7 +165,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "<dict>") -> "Config":
-        return _build(cls, raw, source, "")
+        built = _build(cls, raw, source, "")
+        check_config(built, source)
+        return built
 
     def validate(self, source: str = "config") -> "Config":
         """Check a config built in code (``Config(...)``) as strictly as one read from YAML."""
@@ -234,18 +249,32 @@ def _build(cls: Any, raw: Any, source: str, prefix: str) -> Any:
             kwargs[f.name] = _build(tp, raw[f.name], source, f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _check_value(tp, raw[f.name], f"{source}: {prefix}{f.name}")
-    built = cls(**kwargs)
-    _check_together(built, source)
-    return built
+    return cls(**kwargs)
 
 
-def _check_together(section: Any, source: str) -> None:
-    """Rules that involve two fields of one section."""
-    if isinstance(section, DataConfig) and section.n_folds > 1 and not section.fold < section.n_folds:
-        raise ConfigError(f"{source}: data.fold={section.fold} must be below data.n_folds={section.n_folds} "
-                          f"(folds are numbered 0..{section.n_folds - 1})")
-    if isinstance(section, DataConfig) and section.n_folds == 1:
+def check_config(cfg: Config, source: str = "config") -> None:
+    """Every rule that involves more than one field, in one place; ``Config.from_dict`` runs it on every config
+    (YAML, overrides, CLI flags, a checkpoint's, one built in code through ``Config.validate``)."""
+    d, t = cfg.data, cfg.train
+    if d.n_folds > 1 and not d.fold < d.n_folds:
+        raise ConfigError(f"{source}: data.fold={d.fold} must be below data.n_folds={d.n_folds} "
+                          f"(folds are numbered 0..{d.n_folds - 1})")
+    if d.n_folds == 1:
         raise ConfigError(f"{source}: data.n_folds=1 makes no split; use 0 (a val_fraction split) or >= 2")
+    if t.anneal_by == "time" and t.scheduler != "onecycle":
+        raise ConfigError(f"{source}: train.anneal_by=time is for train.scheduler=onecycle (got {t.scheduler}): "
+                          "set train.anneal_by=steps with this scheduler")
+    if t.anneal_by == "time" and t.engine == "ddp":
+        raise ConfigError(f"{source}: train.anneal_by=time with train.engine=ddp: each process would read its own "
+                          "clock and the LRs of the replicas would drift apart; use train.anneal_by=steps under DDP")
+    if t.engine == "ddp" and t.freeze_stages and t.unfreeze_at < 1.0:
+        raise ConfigError(f"{source}: train.unfreeze_at < 1 with train.engine=ddp: DistributedDataParallel fixes the "
+                          "trained parameters when it starts, so stages unfrozen later would not be synchronised; use "
+                          "train.unfreeze_at=1.0 (frozen throughout) or train.freeze_stages=0 under DDP")
+    start, size = cfg.augment.progressive_start, cfg.preprocess.size
+    if start is not None and (d.loader != "device" or start >= size):
+        raise ConfigError(f"{source}: augment.progressive_start={start} needs data.loader=device (got {d.loader}) and "
+                          f"a size below preprocess.size={size}; unset it to train at preprocess.size throughout")
 
 
 def shipped_configs() -> list[str]:

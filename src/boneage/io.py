@@ -8,25 +8,22 @@ left hand with MONOCHROME2 polarity, modality and VOI LUTs applied.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import math
 import re
-import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from boneage.clinical import parse_sex
 from boneage.errors import BoneAgeError, ImageReadError
+from boneage.image_files import IMAGE_SUFFIXES, quiet_pydicom  # noqa: F401 (IMAGE_SUFFIXES: re-exported)
 
 DECODE_MAX_SIDE = 2048  # JPEGs larger than this are decoded at reduced size (every model input is <= 512 px)
 MAX_PIXELS = 36_000_000  # 6000 x 6000: twice the largest hand-radiograph detector (43 cm at 0.1 mm); bombs beyond
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")  # analysed whatever their content
 DICOM_IDENTIFIERS = ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber")
 
 
@@ -175,33 +172,12 @@ def _dicom_date(value: Any) -> dt.date | None:
         return None
 
 
-_PYDICOM_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _quiet_pydicom() -> Iterator[None]:
-    """pydicom's value validation warns *and logs* values such as a malformed birth date: switch it off.
-
-    The setting is global, so DICOM reads are serialised; warnings are silenced as well.
-    """
-    from pydicom import config
-
-    with _PYDICOM_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        previous = config.settings.reading_validation_mode
-        config.settings.reading_validation_mode = config.IGNORE
-        try:
-            yield
-        finally:
-            config.settings.reading_validation_mode = previous
-
-
 def _read_dicom(path: Path, keep_identifiers: bool, max_pixels: int) -> tuple[np.ndarray, ImageMeta]:
     try:
         import pydicom
     except ImportError as exc:  # pragma: no cover - depends on extras
         raise ImageReadError(f"{path}: reading DICOM needs pydicom: pip install 'boneage[dicom]'") from exc
-    with _quiet_pydicom():
+    with quiet_pydicom():
         try:
             ds = pydicom.dcmread(str(path), force=True)
             has_pixels = "PixelData" in ds
@@ -335,6 +311,6 @@ def list_images(inputs: list[str | Path]) -> list[Path]:
     kept as given so ``read_image`` reports it per file. What ``open_sources`` skips is left out silently:
     use it instead to stream a large archive and to report the skipped files.
     """
-    from boneage.inference.sources import SourceItem, open_sources  # sources imports this module
+    from boneage.inference.sources import SourceItem, open_sources
 
     return [item.path for item in open_sources(inputs) if isinstance(item, SourceItem) and item.path is not None]

@@ -12,7 +12,7 @@ import dataclasses
 import threading
 from typing import Callable, Sequence
 
-from boneage.cli_types import int_in, interval_level, out_folder, positive_float
+from boneage.cli_types import int_in, interval_level, log_to_stderr, options_from_args, out_folder, positive_float
 from boneage.dicom.forward import Destination, check_ae_title
 from boneage.errors import BoneAgeError
 
@@ -135,7 +135,5 @@ def add_arguments(p: argparse.ArgumentParser, device_args: Callable[[argparse.Ar
 
 def main(args: argparse.Namespace) -> int:
     """The ``boneage dicom-node`` command: ``NodeOptions`` from the parsed flags, log lines on stderr, run."""
-    from boneage.cli import _logging, _options
-
-    _logging(False, args.verbose)
-    return run_node(_options(NodeOptions, args, checkpoints=args.checkpoint, allow=args.allow))
+    log_to_stderr(False, args.verbose)
+    return run_node(options_from_args(NodeOptions, args, checkpoints=args.checkpoint, allow=args.allow))

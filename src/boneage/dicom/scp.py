@@ -36,12 +36,14 @@ import secrets
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from boneage.dicom.forward import Destination, Sender
-from boneage.dicom.node import NodeOptions
 from boneage.dicom.spool import Spool, redact
 from boneage.errors import BoneAgeError
+
+if TYPE_CHECKING:  # at run time the node passes its options in: scp does not import node (node imports scp)
+    from boneage.dicom.node import NodeOptions
 
 log = logging.getLogger("boneage.dicom.node")
 

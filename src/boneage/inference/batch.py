@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from boneage.errors import BoneAgeError, CheckpointError
+from boneage.errors import BoneAgeError
 from boneage.inference.analysis import Analysis
 from boneage.inference.conformal import DEFAULT_LEVEL
 from boneage.inference.ensemble import Ensemble
+from boneage.inference.loader import load_predictor
 from boneage.inference.pipeline import (GRADCAM_MISSING, AnalysisOptions, Pipeline, cpu_count, gradcam_available,
                                         prepare_item, row_key)
 from boneage.inference.progress import Run
@@ -31,27 +32,6 @@ from boneage.report.writers import report_stem, report_writers
 
 log = logging.getLogger("boneage.predict")
 ID_COLUMNS = (*DICOM_IDENTIFIERS, "SOPInstanceUID", "path")  # table columns with --keep-identifiers only
-
-
-def load_predictor(checkpoints: Sequence[str | Path], *, runtime: str = "torch", tta: bool = True,
-                   device: str = "auto", precision: str = "fp32", threads: int | None = None) -> Ensemble:
-    """``Predictor`` (PyTorch checkpoints) or ``OnnxPredictor`` (``boneage export`` files) on ``device``
-    (``boneage.device``: auto = a CUDA GPU when there is one), PyTorch models in ``precision`` (autocast)."""
-    from boneage.device import check_precision, resolve_device
-
-    check_precision(precision, runtime)
-    if runtime == "onnx":
-        from boneage.inference.onnx import OnnxPredictor
-
-        return OnnxPredictor(checkpoints, tta=tta, device=device, threads=threads)
-    if runtime != "torch":
-        raise BoneAgeError(f"unknown runtime {runtime!r}: use torch or onnx")
-    onnx_files = [str(c) for c in checkpoints if str(c).lower().endswith(".onnx")]
-    if onnx_files:
-        raise CheckpointError(f"{onnx_files[0]} is an ONNX model: add --runtime onnx (or give the .pt checkpoint)")
-    from boneage.inference.predictor import Predictor
-
-    return Predictor(checkpoints, tta=tta, device=resolve_device(device), precision=precision)
 
 
 @dataclasses.dataclass(frozen=True)

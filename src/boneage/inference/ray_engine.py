@@ -128,7 +128,7 @@ class PredictorActor:
                  threads: int, analysis_options: AnalysisOptions) -> None:
         import cv2
 
-        from boneage.inference.batch import load_predictor
+        from boneage.inference.loader import load_predictor
 
         cv2.setNumThreads(1)  # the actors are the parallelism
         if runtime == "torch" and device == "cpu":

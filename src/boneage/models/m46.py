@@ -11,7 +11,8 @@ from collections import OrderedDict
 from torch import nn
 
 from boneage.models.heads import BoneAgeNet
-from boneage.models.registry import register_model, require_no_pretrained, scale_channels
+from boneage.models.checks import require_no_pretrained, scale_channels
+from boneage.models.registry import register_model
 
 CHANNELS = (32, 64, 128, 128, 256, 384)
 GRID = (3, 3)  # the 6th block's map at 256 px; larger inputs are pooled down to it, smaller ones spread

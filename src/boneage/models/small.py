@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from boneage.models.heads import BoneAgeNet
-from boneage.models.registry import register_model, require_no_pretrained, scale_channels
+from boneage.models.checks import require_no_pretrained, scale_channels
+from boneage.models.registry import register_model
 
 CHANNELS = (24, 48, 96, 192, 384)  # stem, then one stage each; every step halves the resolution
 DEPTHS = (1, 1, 1, 1)  # residual blocks per stage

@@ -11,7 +11,7 @@ from typing import Any
 
 from boneage.errors import ConfigError
 from boneage.models.heads import BACKBONE_HIDDEN, BoneAgeNet
-from boneage.models.registry import require_unit_width
+from boneage.models.checks import require_unit_width
 from boneage.models.weights import download_error, load_backbone_state, read_state_dict
 
 

@@ -18,7 +18,8 @@ from torchvision import models as tvm
 from torchvision.models import WeightsEnum
 
 from boneage.models.heads import BACKBONE_HIDDEN, BoneAgeNet
-from boneage.models.registry import register_model, require_unit_width
+from boneage.models.checks import require_unit_width
+from boneage.models.registry import register_model
 from boneage.models.weights import download_error, load_backbone_state, read_state_dict
 
 

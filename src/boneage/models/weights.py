@@ -55,7 +55,9 @@ def gray_stem(weight: torch.Tensor, source_std: Sequence[float]) -> torch.Tensor
     A gray pixel ``x`` replicated to 3 channels gives ``sum_c w_c (x - m_c) / s_c``; written in our input
     ``y = (x - PIXEL_MEAN) / PIXEL_STD`` that is ``sum_c w_c * PIXEL_STD / s_c * y`` plus a constant that
     vanishes when ``m_c == PIXEL_MEAN`` (true for the TF-ported EfficientNet-Lite weights, mean = std = 0.5).
+    Computed in fp32 at least (an fp16 weights file's kernels are summed without fp16 rounding).
     """
+    weight = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
     scale = torch.tensor([PIXEL_STD / s for s in source_std], dtype=weight.dtype).view(1, -1, 1, 1)
     return (weight * scale).sum(dim=1, keepdim=True)
 

@@ -1,19 +1,19 @@
-"""Checkpoint callbacks, one job each: resume from ``last.pt``, save ``best.pt``, save ``last.pt``.
+"""Checkpoints: resume from ``last.pt``, keep and save the best, save ``last.pt``, write the final ``best.pt``.
 
 Both files hold ``{**base_state, "model", "epoch", "metrics", "best_score", "history", "elapsed_s"}``
-(``base_state``: ``config`` and ``target``; the rest from the shared ``RunRecord``), written atomically
+(``base_state``: ``config`` and ``target``; the rest from the run's ``RunRecord``), written atomically
 by ``save_checkpoint`` on the main process only, and read back with ``weights_only=True``:
 
-- ``best.pt`` (``SaveBestCallback``): the validated weights (the EMA copy when there is one) of the best
-  epoch, and that epoch's validation predictions (``calibration``) for the conformal intervals; no optimizer.
-  ``training.gate`` adds the out-of-distribution gate to it after training.
-- ``last.pt`` (``SaveLastCallback``): every epoch, the same plus ``optimizer``, ``scheduler`` and, with EMA,
-  the trained weights (``train_model``) and ``ema_updates``, so that ``--resume`` (``ResumeCallback``) continues
-  exactly.
+- ``best.pt`` (``save_best``): the validated weights (the EMA copy when there is one) of the best epoch, and that
+  epoch's validation predictions (``calibration``) for the conformal intervals; no optimizer. The content is kept
+  in memory (``record.best_state``) and, so that a killed run still leaves its best epoch, written as soon as an
+  epoch improves. At the run's end ``FinalBestCallback`` fits the out-of-distribution gate on those weights in
+  memory and writes ``best.pt`` once more, with the gate: the file is never read back to be rewritten.
+- ``last.pt`` (``save_last``): every epoch, the same plus ``optimizer``, ``scheduler`` and, with EMA, the trained
+  weights (``train_model``) and ``ema_updates``, so that ``--resume`` (``ResumeCallback``, from the state ``train()``
+  read once) continues exactly.
 
-At the end of an epoch Catalyst runs lower orders first: ``HistoryCallback`` (external + 1) records the epoch,
-then ``SaveBestCallback`` (+ 2), ``SaveLastCallback`` (+ 3) and ``MetricsFileCallback`` (+ 4) write it: both
-checkpoints carry the epoch's history, and ``metrics.json`` never gets ahead of ``last.pt``.
+``EpochEndCallback`` (``training.epoch_end``) calls ``save_best`` and ``save_last`` in that order at each epoch's end.
 """
 
 from __future__ import annotations
@@ -24,20 +24,21 @@ from typing import Any
 import torch
 from catalyst import dl
 
-from boneage.checkpoint import load_checkpoint, save_checkpoint
+from boneage.checkpoint import save_checkpoint
+from boneage.training.gate import GateFit
 from boneage.training.record import RunRecord, read_metric
 
 
 def trained_weights(runner: dl.IRunner) -> dict[str, torch.Tensor]:
-    """The weights the optimizer trains, on the CPU."""
-    return {k: v.detach().cpu() for k, v in runner.engine.unwrap_model(runner.model).state_dict().items()}
+    """The weights the optimizer trains: a copy on the CPU."""
+    return {k: v.detach().cpu().clone() for k, v in runner.engine.unwrap_model(runner.model).state_dict().items()}
 
 
-def validated_weights(runner: dl.IRunner, trained: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def validated_weights(runner: dl.IRunner, record: RunRecord,
+                      trained: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The weights that were validated (and that inference uses): the EMA copy if there is one, else the trained."""
-    ema = getattr(runner, "ema", None)
-    if ema is not None:
-        return ema.state_dict()
+    if record.ema is not None:
+        return record.ema.state_dict()
     return trained if trained is not None else trained_weights(runner)
 
 
@@ -47,76 +48,87 @@ def epoch_state(runner: dl.IRunner, base_state: dict[str, Any], record: RunRecor
     return {**base_state, "model": model_state, "epoch": runner.epoch_step, **record.checkpoint_fields()}
 
 
-class ResumeCallback(dl.Callback):
-    """At the start, restore a run from its ``last.pt``: model (and EMA), optimizer, scheduler, epoch, record."""
+def is_better(score: float, best: float | None, minimize: bool) -> bool:
+    if best is None:
+        return True
+    return score < best if minimize else score > best
 
-    def __init__(self, path: Path, record: RunRecord) -> None:
-        super().__init__(order=dl.CallbackOrder.external + 1)  # after EmaCallback has created runner.ema
-        self.path, self.record = Path(path), record
+
+def save_best(runner: dl.IRunner, record: RunRecord, path: Path, base_state: dict[str, Any], *,
+              loader_key: str = "valid", metric_key: str = "mae_months", minimize: bool = True) -> bool:
+    """If ``epoch_metrics[loader_key][metric_key]`` beats the record's best (lower when ``minimize``), make it the
+    best, keep ``best.pt``'s content in ``record.best_state`` and write it to ``path``; True if it did.
+
+    An epoch whose loader ran no batch changes nothing. Every rank keeps the score; the main process the weights.
+    """
+    metrics, score = read_metric(runner, loader_key, metric_key)
+    if score is None or not is_better(score, record.best_score, minimize):
+        return False
+    record.best_score, record.best_metrics = score, {**metrics, "epoch": runner.epoch_step}
+    if not runner.engine.is_main_process:
+        return True
+    state = epoch_state(runner, base_state, record, validated_weights(runner, record))
+    if record.calibration:  # this epoch's validation predictions and labels
+        state["calibration"] = record.calibration
+    record.best_state = state
+    save_checkpoint(state, path)
+    return True
+
+
+def save_last(runner: dl.IRunner, record: RunRecord, path: Path, base_state: dict[str, Any]) -> None:
+    """Write ``path`` (``last.pt``): everything ``ResumeCallback`` needs (main process only)."""
+    if not runner.engine.is_main_process:
+        return
+    trained = trained_weights(runner)
+    state = epoch_state(runner, base_state, record, validated_weights(runner, record, trained))
+    extra = {"train_model": trained, "ema_updates": record.ema.updates} if record.ema is not None else {}
+    save_checkpoint({**state, **extra, "optimizer": runner.optimizer.state_dict(),
+                     "scheduler": runner.scheduler.state_dict() if runner.scheduler is not None else None}, path)
+
+
+class ResumeCallback(dl.Callback):
+    """At the start, restore a run from the content of its ``last.pt`` (read once, by ``train()``): model (and
+    EMA), optimizer, scheduler, epoch and record; and, on the main process, the best so far from ``best``
+    (``best.pt``'s content), so that the final ``best.pt`` can be written from memory."""
+
+    def __init__(self, state: dict[str, Any], record: RunRecord, *, best: dict[str, Any] | None = None,
+                 path: Path | str = "last.pt") -> None:
+        super().__init__(order=dl.CallbackOrder.external)  # after EmaCallback (optimizer + 1) created record.ema
+        self.state, self.record, self.best, self.path = state, record, best, Path(path)
 
     def on_experiment_start(self, runner: dl.IRunner) -> None:
-        state = load_checkpoint(self.path)
+        state, record = self.state, self.record
         # with EMA, "model" holds the averaged weights (what was validated) and "train_model" the trained ones
         runner.engine.unwrap_model(runner.model).load_state_dict(state.get("train_model", state["model"]))
-        if getattr(runner, "ema", None) is not None and "train_model" in state:
-            runner.ema.load_state_dict(state["model"], int(state.get("ema_updates", 0)))
+        if record.ema is not None and "train_model" in state:
+            record.ema.load_state_dict(state["model"], int(state.get("ema_updates", 0)))
         runner.optimizer.load_state_dict(state["optimizer"])
         if runner.scheduler is not None and state.get("scheduler") is not None:
             runner.scheduler.load_state_dict(state["scheduler"])
         runner.epoch_step = int(state["epoch"])
-        self.record.best_score = state.get("best_score")
-        self.record.best_metrics = dict(state.get("metrics") or {})
-        self.record.history = list(state.get("history") or [])
-        self.record.elapsed_before_s = float(state.get("elapsed_s", 0.0))
+        record.best_score = state.get("best_score")
+        record.best_metrics = dict(state.get("metrics") or {})
+        record.history = list(state.get("history") or [])
+        record.elapsed_before_s = float(state.get("elapsed_s", 0.0))
         if runner.engine.is_main_process:
+            if self.best is not None and record.best_metrics:
+                record.best_state = {k: v for k, v in self.best.items() if k not in ("ood", "version")}
             print(f"resumed from {self.path} after epoch {runner.epoch_step}", flush=True)
+        self.state, self.best = {}, None  # the weights are in the model now: do not keep a second copy
 
 
-class SaveBestCallback(dl.Callback):
-    """At each epoch's end, if ``epoch_metrics[loader_key][metric_key]`` beats the best so far (lower when
-    ``minimize``), make it the record's best and write ``path`` (``best.pt``).
+class FinalBestCallback(dl.Callback):
+    """At the run's end (main process): fit the out-of-distribution gate (``gate``; None: no gate, e.g. the sex
+    task) on the best weights in memory, then write ``best.pt`` with it, once."""
 
-    An epoch whose loader ran no batch changes nothing. Every rank keeps the record; the main process writes.
-    """
+    def __init__(self, path: Path, record: RunRecord, gate: GateFit | None) -> None:
+        super().__init__(order=dl.CallbackOrder.external)
+        self.path, self.record, self.gate = Path(path), record, gate
 
-    def __init__(self, path: Path, base_state: dict[str, Any], record: RunRecord, *, loader_key: str = "valid",
-                 metric_key: str = "mae_months", minimize: bool = True) -> None:
-        super().__init__(order=dl.CallbackOrder.external + 2)  # after HistoryCallback: best.pt carries this epoch
-        self.path, self.base_state, self.record = Path(path), base_state, record
-        self.loader_key, self.metric_key, self.minimize = loader_key, metric_key, minimize
-
-    def is_better(self, score: float) -> bool:
-        best = self.record.best_score
-        if best is None:
-            return True
-        return score < best if self.minimize else score > best
-
-    def on_epoch_end(self, runner: dl.IRunner) -> None:
-        metrics, score = read_metric(runner, self.loader_key, self.metric_key)
-        if score is None or not self.is_better(score):
+    def on_experiment_end(self, runner: dl.IRunner) -> None:
+        best = self.record.best_state
+        if best is None or not runner.engine.is_main_process:
             return
-        self.record.best_score, self.record.best_metrics = score, {**metrics, "epoch": runner.epoch_step}
-        if not runner.engine.is_main_process:
-            return
-        state = epoch_state(runner, self.base_state, self.record, validated_weights(runner))
-        calibration = getattr(runner, "calibration", None)  # this epoch's validation predictions and labels
-        save_checkpoint({**state, "calibration": calibration} if calibration else state, self.path)
-
-
-class SaveLastCallback(dl.Callback):
-    """At each epoch's end, write ``path`` (``last.pt``): everything ``ResumeCallback`` needs (main process only)."""
-
-    def __init__(self, path: Path, base_state: dict[str, Any], record: RunRecord) -> None:
-        super().__init__(order=dl.CallbackOrder.external + 3)  # after SaveBestCallback: the record's best is known
-        self.path, self.base_state, self.record = Path(path), base_state, record
-
-    def on_epoch_end(self, runner: dl.IRunner) -> None:
-        if not runner.engine.is_main_process:
-            return
-        trained = trained_weights(runner)
-        ema = getattr(runner, "ema", None)
-        state = epoch_state(runner, self.base_state, self.record, validated_weights(runner, trained))
-        extra = {"train_model": trained, "ema_updates": ema.updates} if ema is not None else {}
-        save_checkpoint({**state, **extra, "optimizer": runner.optimizer.state_dict(),
-                         "scheduler": runner.scheduler.state_dict() if runner.scheduler is not None else None},
-                        self.path)
+        if self.gate is not None:
+            best = {**best, "ood": self.gate(best, runner.engine.device)}
+        save_checkpoint(best, self.path)

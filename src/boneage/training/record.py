@@ -1,12 +1,15 @@
-"""``RunRecord``: what a run has achieved so far, the one piece of state its saving callbacks share.
+"""``RunRecord``: what a run has achieved so far, the one piece of state its callbacks share.
 
-Each callback that reads or writes the record gets the same instance from ``BoneAgeRunner.get_callbacks``:
+``BoneAgeRunner`` owns one record (``runner.record``) and hands it to every callback that reads or writes it;
+nothing is passed through ad-hoc runner attributes:
 
 - ``ResumeCallback`` (``training.checkpointing``) restores it from ``last.pt`` at the start;
-- ``HistoryCallback`` (``training.history``) appends each epoch and times the run;
-- ``SaveBestCallback`` keeps the best score and its metrics, and writes ``best.pt``;
-- ``SaveLastCallback`` and ``MetricsFileCallback`` write it into ``last.pt`` and ``metrics.json``;
-- ``EpochLineCallback`` quotes the best on the console.
+- ``EmaCallback`` (``training.ema``) keeps the averaged weights in ``ema``; ``handle_batch`` validates them;
+- ``MonthsMetricCallback`` leaves this epoch's validation predictions in ``calibration``;
+- ``EpochEndCallback`` (``training.epoch_end``), in this order: appends the epoch to ``history``, keeps a new best
+  (score, metrics and the whole ``best.pt`` content in ``best_state``), writes ``last.pt`` and ``metrics.json``
+  (``summary``, which ``train()`` returns);
+- ``FinalBestCallback`` fits the out-of-distribution gate on ``best_state`` and writes the final ``best.pt``.
 
 ``read_metric`` is how those callbacks read ``runner.epoch_metrics[loader_key][metric_key]``.
 """
@@ -14,9 +17,12 @@ Each callback that reads or writes the record gets the same instance from ``Bone
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from catalyst import dl
+
+if TYPE_CHECKING:
+    from boneage.training.model_ema import ModelEma
 
 
 @dataclass
@@ -26,6 +32,12 @@ class RunRecord:
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per finished epoch
     elapsed_before_s: float = 0.0  # seconds spent by the earlier calls this one resumes
     elapsed_s: float = 0.0  # at the end of the last finished epoch, earlier calls included
+    started: float = 0.0  # time.monotonic() when this call's experiment started
+    # the state below is the run's working memory; it is not compared (two records are equal by what they report)
+    ema: ModelEma | None = field(default=None, compare=False, repr=False)  # the averaged weights, if any
+    calibration: dict[str, list[float]] | None = field(default=None, compare=False, repr=False)  # this epoch's
+    best_state: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # best.pt's content (rank 0)
+    summary: dict[str, Any] | None = field(default=None, compare=False, repr=False)  # metrics.json's content
 
     def checkpoint_fields(self) -> dict[str, Any]:
         """What ``best.pt`` and ``last.pt`` carry of the record (besides ``epoch``)."""

@@ -5,11 +5,16 @@
 2. split train/validation (stratified by age band and sex, or k-fold);
 3. normalise the target with the training split's mean and std;
 4. run ``BoneAgeRunner`` (a Catalyst ``IRunner``) whose callbacks compute validation MAE in
-   months on the whole validation set, write checkpoints atomically, resume, stop early;
-5. fit the out-of-distribution gate on training images' features into ``best.pt`` (``training.gate``).
+   months on the whole validation set, record and save each epoch (``training.epoch_end``), resume, stop early
+   or at the time budget;
+5. at its end, fit the out-of-distribution gate on the best weights in memory and write ``best.pt`` once more,
+   with the gate (``training.checkpointing.FinalBestCallback``);
+6. return the run's summary (what ``metrics.json`` holds) with ``wall_s_this_call``.
 
-Engines: ``cpu``, ``gpu`` (AMP optional) and ``ddp`` (Catalyst's DistributedDataParallelEngine;
-gloo on CPU, nccl on GPU). Only rank 0 writes checkpoints and logs.
+``train.max_minutes`` counts from the start of ``train()`` (``training.budget``). The run's state is one
+``RunRecord`` (``runner.record``). Engines, optimizers, schedulers and losses come from the tables of
+``training.components``: ``cpu``, ``gpu`` (AMP: bf16 or fp16), ``ddp`` (spawned here, or joined under
+``torchrun`` on any number of nodes). Only rank 0 writes checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -33,71 +38,47 @@ from boneage.checkpoint import load_checkpoint
 from boneage.config import Config
 from boneage.data.cache import default_cache_dir, open_cache, prepare_cache
 from boneage.data.dataset import BoneAgeDataset, EpochShuffle
+from boneage.data.device_batches import make_device_loaders
 from boneage.data.rsna import read_labels
 from boneage.data.splits import kfold_split, train_val_split
-from boneage.training.gate import fit_gate
 from boneage.errors import BoneAgeError, ConfigError
+from boneage.inference.ood import FIT_IMAGES
 from boneage.models import create_model
 from boneage.models.freeze import freeze_stages, unfreeze_epoch
 from boneage.models.registry import check_model_args
-from boneage.training.callbacks import (EmptyLoaderMetricsCallback, EpochLineCallback, EpochShuffleCallback,
-                                        MonthsMetricCallback, TimeBudgetCallback, UnfreezeCallback)
-from boneage.training.checkpointing import ResumeCallback, SaveBestCallback, SaveLastCallback
+from boneage.training.budget import Budget
+from boneage.training.callbacks import (EmptyLoaderMetricsCallback, EpochShuffleCallback, MonthsMetricCallback,
+                                        TimeBudgetCallback, UnfreezeCallback)
+from boneage.training.checkpointing import FinalBestCallback, ResumeCallback
+from boneage.training.components import (LOSSES, OPTIMIZERS, SCHEDULERS, SpawningDDPEngine, build_engine,
+                                         check_launch, launched, require_usable_gpu)
 from boneage.training.divergence import DivergenceCallback
 from boneage.training.ema import EmaCallback
-from boneage.training.history import HistoryCallback, MetricsFileCallback
+from boneage.training.epoch_end import EpochEndCallback
+from boneage.training.gate import GateFit
 from boneage.training.optim import param_groups, scaled_lr
 from boneage.training.record import RunRecord
-from boneage.training.schedule import BudgetOneCycleLR
 from boneage.transforms import build_transforms
 
-ENGINES = ("auto", "cpu", "gpu", "ddp")
-
-
-def require_usable_gpu(cuda: bool) -> None:
-    """``train.engine=gpu``: a visible GPU that runs a kernel, else a clear ``ConfigError`` (never the CPU)."""
-    if not cuda:
-        raise ConfigError("train.engine=gpu but PyTorch sees no usable CUDA GPU (none in this machine or job, "
-                          "CUDA_VISIBLE_DEVICES empty, a CPU-only torch build, or a driver too old for torch "
-                          f"{torch.__version__} built for CUDA {torch.version.cuda}); use --engine cpu (or "
-                          "train.engine=auto) to train on the CPU on purpose")
-    try:
-        (torch.ones(8, device="cuda") * 2).sum().item()
-    except Exception as exc:  # a CUDA init error, no kernel image for this GPU, a driver too old ...
-        first = (str(exc).strip().splitlines() or [repr(exc)])[0]
-        raise ConfigError(f"train.engine=gpu but the GPU cannot be used ({type(exc).__name__}: {first}); torch "
-                          f"{torch.__version__} is built for CUDA {torch.version.cuda}: use an image whose torch "
-                          "matches the driver, or --engine cpu to train on the CPU on purpose") from exc
-
-
-def build_engine(cfg: Config) -> dl.Engine:
-    """The Catalyst engine for ``train.engine`` (``auto``: GPU if available, else CPU)."""
-    t = cfg.train
-    if t.engine not in ENGINES:
-        raise ConfigError(f"train.engine '{t.engine}' is unknown; use one of {', '.join(ENGINES)}")
-    cuda = torch.cuda.is_available()
-    if t.engine == "gpu":
-        require_usable_gpu(cuda)
-    precision = "fp16" if (t.amp and cuda) else "no"
-    if t.engine == "ddp":
-        backend = t.ddp_backend if cuda else "gloo"
-        return dl.DistributedDataParallelEngine(
-            num_node_workers=t.ddp_workers, process_group_kwargs={"backend": backend},
-            port=int(os.environ.get("MASTER_PORT", 29517)), cpu=not cuda, mixed_precision=precision)
-    if t.engine == "cpu" or (t.engine == "auto" and not cuda):
-        return dl.CPUEngine()
-    return dl.GPUEngine(mixed_precision=precision)
+__all__ = ["BoneAgeRunner", "build_engine", "make_loaders", "param_groups", "require_usable_gpu", "scaled_lr",
+           "split_indices", "train"]
 
 
 class BoneAgeRunner(dl.IRunner):
-    """Builds every component from one ``Config``; behaviour lives in the callbacks."""
+    """Builds every component from one ``Config``; behaviour lives in the callbacks, state in ``self.record``.
+
+    ``resume``: the content of ``last.pt`` to continue from (read once by ``train()``), ``resume_best`` that of
+    ``best.pt``; ``budget``: the time budget (None: no ``train.max_minutes``).
+    """
 
     def __init__(self, cfg: Config, run_dir: Path, cache_path: Path, train_idx: np.ndarray,
-                 val_idx: np.ndarray, target: dict[str, float], resume_from: Path | None) -> None:
+                 val_idx: np.ndarray, target: dict[str, float], resume: dict[str, Any] | None = None, *,
+                 resume_best: dict[str, Any] | None = None, budget: Budget | None = None) -> None:
         super().__init__()
         self.cfg, self.run_dir, self.cache_path = cfg, run_dir, cache_path
         self.train_idx, self.val_idx = train_idx, val_idx
-        self.target, self.resume_from = target, resume_from
+        self.target, self.resume, self.resume_best, self.budget = target, resume, resume_best, budget
+        self.record = RunRecord()  # the run's state, shared by the callbacks that build, save and resume it
         self.train_sampler = EpochShuffle(len(train_idx), cfg.train.seed)  # reordered by EpochShuffleCallback
 
     # --- what to build ---------------------------------------------------------------
@@ -128,9 +109,13 @@ class BoneAgeRunner(dl.IRunner):
                                               name=self.run_dir.name, log_batch_metrics=False)
         return loggers
 
-    def get_loaders(self) -> dict[str, DataLoader]:
+    def get_loaders(self) -> dict[str, Any]:
         cfg, task = self.cfg, self.cfg.model.task
         cache = open_cache(self.cache_path)
+        if cfg.data.loader == "device":  # the split on the engine's device, batched augmentation there
+            return make_device_loaders(cache, self.train_idx, self.val_idx, cfg, self.train_sampler, self.target,
+                                       self.engine.device, num_processes=self.engine.num_processes,
+                                       process_index=self.engine.process_index)
         train = BoneAgeDataset(cache, self.train_idx, build_transforms(cfg.augment, "train"),
                                self.target["mean"], self.target["std"], task)
         valid = BoneAgeDataset(cache, self.val_idx, build_transforms(cfg.augment, "eval"),
@@ -148,61 +133,37 @@ class BoneAgeRunner(dl.IRunner):
     def get_criterion(self) -> torch.nn.Module:
         if self.cfg.model.task == "sex":
             return torch.nn.BCEWithLogitsLoss()
-        losses = {"l1": torch.nn.L1Loss, "smooth_l1": torch.nn.SmoothL1Loss, "mse": torch.nn.MSELoss}
-        if self.cfg.train.loss not in losses:
-            raise ConfigError(f"train.loss '{self.cfg.train.loss}' is unknown; use one of {', '.join(losses)}")
-        return losses[self.cfg.train.loss]()
+        return LOSSES[self.cfg.train.loss]()
 
     def get_optimizer(self, model: torch.nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
         lr = scaled_lr(t.lr, t.lr_scaling, self.engine.num_processes)
-        params = param_groups(model, lr, t.backbone_lr_mult)
-        if t.optimizer == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
-        if t.optimizer == "adamw":
-            return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
-        if t.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
-        raise ConfigError(f"train.optimizer '{t.optimizer}' is unknown; use adam, adamw or sgd")
+        return OPTIMIZERS[t.optimizer](param_groups(model, lr, t.backbone_lr_mult), lr, t)
 
     def get_scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
-        t = self.cfg.train
-        if t.scheduler == "none":
-            return None
-        if t.scheduler == "onecycle":
-            cycle: dict[str, Any] = dict(max_lr=[g["lr"] for g in optimizer.param_groups], epochs=t.epochs,
-                                         steps_per_epoch=len(self.loaders["train"]), pct_start=t.warmup_pct)
-            if t.anneal_by == "time" and t.max_minutes:
-                return BudgetOneCycleLR(optimizer, max_minutes=t.max_minutes, **cycle)
-            return torch.optim.lr_scheduler.OneCycleLR(optimizer, **cycle)
-        if t.scheduler == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
-        if t.scheduler == "plateau":
-            return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=2)
-        raise ConfigError(f"train.scheduler '{t.scheduler}' is unknown; use onecycle, cosine, plateau or none")
+        return SCHEDULERS[self.cfg.train.scheduler](optimizer, self.cfg.train, len(self.loaders["train"]), self.budget)
 
     def get_callbacks(self) -> dict[str, dl.Callback]:
-        t, task = self.cfg.train, self.cfg.model.task
+        t, task, record = self.cfg.train, self.cfg.model.task, self.record
         monitor, minimize = ("mae_months", True) if task == "age" else ("accuracy", False)
-        record = RunRecord()  # best score and history, shared by the callbacks that save and resume the run
         base_state = {"config": self.cfg.to_dict(), "target": self.target}
         callbacks: dict[str, dl.Callback] = {
             "criterion": dl.CriterionCallback(input_key="logits", target_key="target", metric_key="loss"),
             "backward": dl.BackwardCallback(metric_key="loss"),
             "optimizer": dl.OptimizerCallback(metric_key="loss"),
-            "metrics": MonthsMetricCallback(self.target["mean"], self.target["std"], task),
+            "metrics": MonthsMetricCallback(self.target["mean"], self.target["std"], task, record),
             "empty_loader": EmptyLoaderMetricsCallback(),
             "shuffle": EpochShuffleCallback(self.train_sampler, loader_key="train"),
-            # at each epoch's end, in this order (their ``order``): history, best.pt, last.pt, metrics.json
-            "history": HistoryCallback(record, loader_key="valid", metric_key=monitor),
-            "save_best": SaveBestCallback(self.run_dir / "best.pt", base_state, record, loader_key="valid",
+            # the epoch's end, in code order: history, best.pt, last.pt, metrics.json, the console line
+            "epoch_end": EpochEndCallback(self.run_dir, record, base_state, self.target, loader_key="valid",
                                           metric_key=monitor, minimize=minimize),
-            "save_last": SaveLastCallback(self.run_dir / "last.pt", base_state, record),
-            "metrics_file": MetricsFileCallback(self.run_dir / "metrics.json", record, self.target, metric_key=monitor),
-            "progress": EpochLineCallback(record),  # one line per epoch
+            # the run's end: the gate fitted on the best weights in memory, best.pt written with it
+            "final_best": FinalBestCallback(self.run_dir / "best.pt", record, GateFit(
+                self.cache_path, self.train_idx, t.seed) if task == "age" else None),
         }
-        if self.resume_from is not None:
-            callbacks["resume"] = ResumeCallback(self.resume_from, record)
+        if self.resume is not None:
+            callbacks["resume"] = ResumeCallback(self.resume, record, best=self.resume_best,
+                                                 path=self.run_dir / "last.pt")
         if sys.stderr.isatty():  # progress bars for a person at a terminal, not for logs and CI
             callbacks["bars"] = dl.TqdmCallback()
         if self.scheduler is not None:
@@ -216,16 +177,19 @@ class BoneAgeRunner(dl.IRunner):
         if t.engine != "ddp":  # single process only: under DDP a rank that raised alone would hang the others
             limit = 4.0 * self.target["baseline_val_mae_months"] if task == "age" else math.inf
             callbacks["divergence"] = DivergenceCallback(limit, metric_key=monitor)
-        if t.max_minutes:
-            callbacks["time_budget"] = TimeBudgetCallback(t.max_minutes)
+        if self.budget is not None:
+            callbacks["time_budget"] = TimeBudgetCallback(self.budget)
         if t.ema_decay > 0:
-            callbacks["ema"] = EmaCallback(t.ema_decay)
+            callbacks["ema"] = EmaCallback(record, t.ema_decay)
         thaw = unfreeze_epoch(t.epochs, t.unfreeze_at) if t.freeze_stages else None
         if thaw is not None:
             callbacks["unfreeze"] = UnfreezeCallback(t.freeze_stages, thaw)
         return callbacks
 
     def on_experiment_end(self, runner: dl.IRunner) -> None:
+        # Spawned DDP workers: rank 0 hands the summary back to the process that called train()
+        if isinstance(self.engine, SpawningDDPEngine) and self.engine.is_main_process:
+            self.engine.hand_back(self.record.summary)
         # DDP: rank 0 is the last to finish (it writes the checkpoints). Wait for it before Catalyst destroys the
         # process group, or a rank that tears gloo down early can abort ("terminate called without an active
         # exception", seen in CI once the checkpoints carried the calibration residuals).
@@ -233,13 +197,19 @@ class BoneAgeRunner(dl.IRunner):
             torch.distributed.barrier()
         super().on_experiment_end(runner)
 
+    def summary(self) -> dict[str, Any] | None:
+        """The run's summary: this process's record, or what spawned rank 0 handed back."""
+        if isinstance(self.engine, SpawningDDPEngine):
+            return self.engine.handed_back[-1] if self.engine.handed_back else None
+        return self.record.summary
+
     # --- one step ----------------------------------------------------------------------
     def handle_batch(self, batch: dict[str, torch.Tensor]) -> None:
         image = batch["image"]
         if self.cfg.train.channels_last:
             image = image.contiguous(memory_format=torch.channels_last)
         male = batch["male"] if self.cfg.model.sex_input else None
-        ema = getattr(self, "ema", None)
+        ema = self.record.ema
         model = ema.module if (ema is not None and not self.is_train_loader) else self.model
         self.batch["logits"] = model(image, male)
 
@@ -268,9 +238,9 @@ def split_indices(cfg: Config, index: Any) -> tuple[np.ndarray, np.ndarray]:
     return train_val_split(index, d.val_fraction, d.split_seed)
 
 
-def _check_resumable(cfg: Config, last: Path) -> None:
+def _check_resumable(cfg: Config, last: Path, state: dict[str, Any]) -> None:
     """Resuming needs the settings that shape the optimisation unchanged (one-cycle knows its length)."""
-    saved = Config.from_dict(load_checkpoint(last)["config"], source=str(last))
+    saved = Config.from_dict(state["config"], source=str(last))
     keys = ("epochs", "batch_size", "lr", "lr_scaling", "backbone_lr_mult", "freeze_stages", "unfreeze_at",
             "anneal_by",
             "warmup_pct", "ema_decay", "optimizer", "scheduler")
@@ -285,43 +255,40 @@ def _check_resumable(cfg: Config, last: Path) -> None:
 
 
 def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: int | None = None) -> dict[str, Any]:
-    """Train ``cfg`` into ``run_dir``; returns the contents of ``run_dir/metrics.json``.
+    """Train ``cfg`` into ``run_dir``; returns the run's summary (what ``run_dir/metrics.json`` holds) plus
+    ``wall_s_this_call``, the seconds of this call from its start (cache included).
 
     ``resume``: continue from ``run_dir/last.pt`` when it exists (model, optimizer, scheduler,
     epoch), else start fresh — so a preempted job simply reruns the same command.
+    ``train.max_minutes`` counts from the start of this call and keeps time for what follows the last epoch
+    (``training.budget``). Under ``torchrun`` every process calls it; rank 0 alone writes the run folder.
     """
-    import json
-
+    start = time.monotonic()  # the time budget counts from here: reading the data and the cache are part of it
     if not cfg.data.images or not cfg.data.labels:
         raise ConfigError("no data: pass --images DIR --labels CSV (or set data.images / data.labels)")
-    cfg.validate()  # a config built in code is checked like one read from YAML
-    if cfg.train.anneal_by == "time" and cfg.train.scheduler != "onecycle":
-        raise ConfigError(f"train.anneal_by=time is for train.scheduler=onecycle (got {cfg.train.scheduler}): "
-                          "set train.anneal_by=steps with this scheduler")
-    if cfg.train.anneal_by == "time" and cfg.train.engine == "ddp":
-        raise ConfigError("train.anneal_by=time with train.engine=ddp: each process would read its own clock and "
-                          "the LRs of the replicas would drift apart; use train.anneal_by=steps under DDP")
-    if cfg.train.engine == "ddp" and cfg.train.freeze_stages and cfg.train.unfreeze_at < 1.0:
-        raise ConfigError("train.unfreeze_at < 1 with train.engine=ddp: DistributedDataParallel fixes the trained "
-                          "parameters when it starts, so stages unfrozen later would not be synchronised; use "
-                          "train.unfreeze_at=1.0 (frozen throughout) or train.freeze_stages=0 under DDP")
+    cfg.validate()  # a config built in code is checked like one read from YAML (every cross-field rule too)
+    check_launch(cfg)
     if cfg.train.engine == "gpu":  # before any work (caching the data takes long): never the CPU by surprise
         require_usable_gpu(torch.cuda.is_available())
     m = cfg.model
     check_model_args(m.name, task=m.task, sex_input=m.sex_input, dropout=m.dropout, width=m.width)  # before any work
+    env = launched()
+    writer = env is None or env["rank"] == 0  # the process that writes the run folder
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    remove_partial_files(run_dir)  # temp files of checkpoint writes killed in an earlier run
+    if writer:
+        remove_partial_files(run_dir)  # temp files of checkpoint writes killed in an earlier run
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     retain_freed_memory()
-    last = run_dir / "last.pt"
-    resume_from = last if (resume and last.is_file()) else None
-    if resume_from is not None:
-        _check_resumable(cfg, resume_from)
+    last, best = run_dir / "last.pt", run_dir / "best.pt"
+    resumed = load_checkpoint(last) if (resume and last.is_file()) else None  # the one read of last.pt
+    if resumed is not None:
+        _check_resumable(cfg, last, resumed)
     if not resume and last.is_file():
         raise ConfigError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it "
                           "or choose another --out")
+    best_before = load_checkpoint(best) if (resumed is not None and writer and best.is_file()) else None
     df = read_labels(cfg.data.labels, cfg.data.images, skip_bad=cfg.data.skip_bad)
     if cfg.data.limit:
         df = df.sample(n=min(cfg.data.limit, len(df)), random_state=cfg.data.split_seed).reset_index(drop=True)
@@ -338,17 +305,22 @@ def train(cfg: Config, run_dir: str | Path, *, resume: bool = False, workers: in
     target = {"mean": mean, "std": std,
               "baseline_val_mae_months": float(np.abs(months[val_idx] - mean).mean()),
               "n_train": int(len(train_idx)), "n_valid": int(len(val_idx))}
-    cfg.save(run_dir / "config.yaml")
-    start = time.monotonic()
-    runner = BoneAgeRunner(cfg, run_dir, cache.path, train_idx, val_idx, target, resume_from)
+    budget = None
+    if cfg.train.max_minutes:
+        gate_images = min(FIT_IMAGES, len(train_idx)) if m.task == "age" else 0
+        budget = Budget(start, cfg.train.max_minutes * 60.0, valid_images=len(val_idx), gate_images=gate_images)
+    if writer:
+        cfg.save(run_dir / "config.yaml")
+    runner = BoneAgeRunner(cfg, run_dir, cache.path, train_idx, val_idx, target, resumed, resume_best=best_before,
+                           budget=budget)
     runner.run()
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    if cfg.model.task == "age" and metrics["best"] and (run_dir / "best.pt").is_file():
-        fit_gate(run_dir / "best.pt", cache, train_idx, seed=cfg.train.seed)
-    metrics["wall_s_this_call"] = round(time.monotonic() - start, 1)
-    if not metrics["best"]:  # stopped before any validation batch: keep last.pt and metrics.json, say so
-        raise BoneAgeError(f"{metrics.get('no_validation', 'no validation ran')}: {run_dir / 'last.pt'} holds the "
-                           f"weights after {metrics['epochs_done']} epoch(s) and metrics.json marks the run as not "
+    summary = runner.summary()
+    if summary is None:
+        raise BoneAgeError(f"training in {run_dir} ended without finishing an epoch; see the messages above")
+    summary = {**summary, "wall_s_this_call": round(time.monotonic() - start, 1)}
+    if not summary["best"]:  # stopped before any validation batch: keep last.pt and metrics.json, say so
+        raise BoneAgeError(f"{summary.get('no_validation', 'no validation ran')}: {run_dir / 'last.pt'} holds the "
+                           f"weights after {summary['epochs_done']} epoch(s) and metrics.json marks the run as not "
                            "validated; no best.pt was written. Give it more time (train.max_minutes) and rerun "
                            "with --resume, or start again")
-    return metrics
+    return summary

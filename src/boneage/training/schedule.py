@@ -6,6 +6,9 @@ weights unsettled. ``BudgetOneCycleLR`` moves along the same curve (LR and momen
 the steps taken out of ``epochs x steps per epoch``, or the minutes spent out of ``max_minutes``. On a machine fast
 enough for every epoch it is OneCycleLR step for step; on a slower one it reaches the end of its annealing when the
 budget runs out, so the run stops with a settled model instead of a half-finished one.
+
+In a run the budget is a ``Budget`` (``training.budget``) that counts from the start of ``train()`` and keeps time
+for the work after the last batch: the curve then ends when training must stop, ``Budget.stop_training_at()``.
 """
 
 from __future__ import annotations
@@ -15,17 +18,24 @@ from typing import Any
 
 import torch
 
+from boneage.training.budget import Budget
+
 
 class BudgetOneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
-    """OneCycleLR whose position is ``max(steps taken, minutes spent / max_minutes x total steps)``.
+    """OneCycleLR whose position is ``max(steps taken, time spent / time for the schedule x total steps)``.
 
-    The minutes count from the scheduler's creation at the run's start, as ``train.max_minutes`` does (validation
-    between epochs included). ``spent`` is in the state dict, so
-    a resumed run continues where the interrupted one stopped; the time between the two does not count.
+    ``max_minutes``: the schedule has that many minutes from its creation. ``budget``: it has until
+    ``budget.stop_training_at()``, i.e. ``spent + time left`` (``train()`` passes this one). The time counts from
+    the scheduler's creation (validation between epochs included). ``spent`` is in the state dict, so a resumed run
+    continues where the interrupted one stopped; the time between the two does not count.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, *, max_minutes: float, **kwargs: Any) -> None:
-        self.budget_seconds = max_minutes * 60.0
+    def __init__(self, optimizer: torch.optim.Optimizer, *, max_minutes: float | None = None,
+                 budget: Budget | None = None, **kwargs: Any) -> None:
+        if (max_minutes is None) == (budget is None):
+            raise ValueError("BudgetOneCycleLR takes max_minutes or budget (one of them)")
+        self.budget_seconds = max_minutes * 60.0 if max_minutes is not None else 0.0
+        self.budget = budget
         self.steps_taken = 0
         self.spent = 0.0
         self._tick: float | None = None
@@ -34,9 +44,18 @@ class BudgetOneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
         self._ready = True
         self._tick = time.monotonic()  # built at the experiment's start, where train.max_minutes starts counting
 
+    def schedule_seconds(self) -> float:
+        """The time the whole curve has: ``max_minutes``, or the time spent plus the time left until training must
+        stop (``budget``)."""
+        if self.budget is None:
+            return self.budget_seconds
+        return self.spent + max(0.0, self.budget.stop_training_at() - time.monotonic())
+
     def position(self) -> int:
         """The step of the one-cycle curve this step uses (0-based, at most total_steps - 1)."""
-        by_time = int(self.spent / self.budget_seconds * (self.total_steps - 1))
+        seconds = self.schedule_seconds()
+        fraction = self.spent / seconds if seconds > 0 else 1.0
+        by_time = int(min(1.0, fraction) * (self.total_steps - 1))
         return min(self.total_steps - 1, max(self.steps_taken, by_time))
 
     def step(self, epoch: int | None = None) -> None:  # noqa: ARG002 - the signature of LRScheduler.step
@@ -54,9 +73,11 @@ class BudgetOneCycleLR(torch.optim.lr_scheduler.OneCycleLR):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state.pop("_tick", None)
+        state.pop("budget", None)  # this call's deadline: not part of the schedule's state (nor weights_only data)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        budget = self.budget_seconds  # the resumed run's train.max_minutes
+        seconds, budget = self.budget_seconds, self.budget  # the resumed run's own train.max_minutes
         super().load_state_dict(state_dict)
-        self.budget_seconds, self._tick, self._ready = budget, None, True  # the clock restarts at the next step
+        self.budget_seconds, self.budget = seconds, budget
+        self._tick, self._ready = None, True  # the clock restarts at the next step
