@@ -31,22 +31,9 @@ import torch
 from benchmarks.common import log
 from boneage.config import load_config, shipped_configs
 from boneage.models import create_model
+from boneage.training.components import LOSSES, OPTIMIZERS
 
 CPU_BATCH_CAP = 8  # 512-px configs: batch 32 takes minutes per step on 2 cores, so use at most this on CPU
-
-
-def _optimizer(cfg: Any, params: Any) -> torch.optim.Optimizer:
-    t = cfg.train
-    if t.optimizer == "adam":
-        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-
-
-def _loss(cfg: Any) -> torch.nn.Module:
-    return {"l1": torch.nn.L1Loss, "smooth_l1": torch.nn.SmoothL1Loss, "mse": torch.nn.MSELoss}.get(
-        cfg.train.loss, torch.nn.L1Loss)()
 
 
 def measure_config(name: str, *, batch_size: int, warmup: int, steps: int) -> dict[str, Any]:
@@ -59,8 +46,8 @@ def measure_config(name: str, *, batch_size: int, warmup: int, steps: int) -> di
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = _optimizer(cfg, model.parameters())
-    criterion = _loss(cfg)
+    optimizer = OPTIMIZERS[cfg.train.optimizer]([{"params": list(model.parameters())}], cfg.train.lr, cfg.train)
+    criterion = LOSSES[cfg.train.loss]()
     image = torch.randn(batch_size, 1, size, size)
     if cfg.train.channels_last:
         image = image.contiguous(memory_format=torch.channels_last)
@@ -171,9 +158,9 @@ class _Trainer:
         freeze_stages(model, t.freeze_stages)
         self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.model.train()
-        self.optimizer = _optimizer(cfg, param_groups(self.model, t.lr, t.backbone_lr_mult))
+        self.optimizer = OPTIMIZERS[t.optimizer](param_groups(self.model, t.lr, t.backbone_lr_mult), t.lr, t)
         self.ema = ModelEma(self.model, t.ema_decay) if t.ema_decay > 0 else None
-        self.criterion, self.device, self.sex = _loss(cfg), device, m.sex_input
+        self.criterion, self.device, self.sex = LOSSES[t.loss](), device, m.sex_input
         self.channels_last = channels_last
         self.dtype = _amp_dtype(device) if amp else None
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 and device.type == "cuda" else None

@@ -20,7 +20,6 @@ from boneage.inference.ood import FeatureGate
 from boneage.inference.predictor import gate_features
 from boneage.models import create_model
 from boneage.preprocess import preprocess
-from boneage.transforms import build_transforms
 from dicom_fixtures import hand_pixels, make_dicom
 
 SIZE = 96
@@ -67,7 +66,7 @@ def phantom_gate(model: torch.nn.Module, cfg: Config, *, demo_phantoms: bool = T
         rng = np.random.default_rng(1000)
         phantoms += [render_phantom(age, male, rng) for age in np.linspace(12, 216, 12) for male in (True, False)]
     images = np.stack([preprocess(np.ascontiguousarray(p), cfg.preprocess) for p in phantoms])
-    gate = FeatureGate.fit(gate_features(model, build_transforms(cfg.augment, "eval"), images))
+    gate = FeatureGate.fit(gate_features(model, images))
     return dataclasses.replace(gate, threshold=gate.threshold * GATE_SLACK)
 
 

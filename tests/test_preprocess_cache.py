@@ -105,3 +105,20 @@ def test_parallel_cache_matches_serial(tmp_path):
     serial = prepare_cache(df, PreprocessConfig(size=24), tmp_path / "a", workers=1, progress=False)
     parallel = prepare_cache(df, PreprocessConfig(size=24), tmp_path / "b", workers=2, progress=False)
     np.testing.assert_array_equal(np.asarray(serial.images), np.asarray(parallel.images))
+
+
+def test_a_seeded_cache_is_the_one_prepare_cache_reuses(tmp_path):
+    from boneage.data.cache import seed_cache
+
+    images, labels = _folder(tmp_path)
+    df = read_labels(labels, images)
+    cfg = PreprocessConfig(size=64)
+    made = np.random.default_rng(0).integers(0, 256, (len(df), 64, 64), dtype=np.uint8)
+    with pytest.raises(DataError, match="uint8 images of 64 x 64"):
+        seed_cache(df, cfg, tmp_path / "cache", made[:, :32], source="test")
+    seeded = seed_cache(df, cfg, tmp_path / "cache", made, source="test")
+    cache = prepare_cache(df, cfg, tmp_path / "cache")
+    assert cache.reused and cache.path == seeded.path == tmp_path / "cache" / cache_key(df, cfg)
+    np.testing.assert_array_equal(np.asarray(cache.images), made)  # not the files' preprocessing: the seeded rows
+    assert list(cache.index["id"]) == list(df["id"])
+    assert json.loads((cache.path / "meta.json").read_text())["seeded_from"] == "test"

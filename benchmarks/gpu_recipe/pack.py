@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,7 +27,8 @@ import pandas as pd
 
 from benchmarks.gpu_recipe import CONFIGS, REPO, SPLIT_SEED, TRAVEL_LIMIT_MIB, VAL_FRACTION
 from boneage.config import Config, PreprocessConfig, load_config
-from boneage.data.cache import PREPROCESS_VERSION, cache_key, open_cache, prepare_cache
+from boneage.data.cache import prepare_cache
+from boneage.data.cache import seed_cache as store_seeded_cache
 from boneage.data.rsna import read_labels, write_labels
 from boneage.data.splits import train_val_split
 from boneage.errors import DataError
@@ -219,28 +219,15 @@ def unpack(pack_dir: Path, work: Path, cache_dir: Path) -> dict[str, Unpacked]:
 
 def seed_cache(labels: Path, images: Path, prep: PreprocessConfig, cache_dir: Path, by_id: dict[str, np.ndarray],
                note: str) -> Path:
-    """Write the cache ``prepare_cache(read_labels(labels, images), prep, cache_dir)`` would build, from the
-    decoded pack images instead of the files (which are already preprocessed); returns its folder."""
+    """Seed the cache ``prepare_cache(read_labels(labels, images), prep, cache_dir)`` would build with the decoded
+    pack images (``boneage.data.cache.seed_cache``; the files are already preprocessed); returns its folder."""
     df = read_labels(labels, images)
-    key = cache_key(df, prep)
-    folder = cache_dir / key
-    if not (folder / "meta.json").is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=cache_dir))
-        out = np.memmap(tmp / "images.u8", dtype=np.uint8, mode="w+", shape=(len(df), prep.size, prep.size))
-        for i, ident in enumerate(df["id"]):
-            out[i] = by_id[ident]
-        out.flush()
-        del out
-        df[["id", "boneage", "male", "path"]].to_csv(tmp / "index.csv", index=False)
-        meta = {"key": key, "n": len(df), "skipped": [], "preprocess": asdict(prep),
-                "preprocess_version": PREPROCESS_VERSION, "seeded_from": f"benchmarks.gpu_recipe pack ({note})"}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, folder)
+    seeded = store_seeded_cache(df, prep, cache_dir, np.stack([by_id[i] for i in df["id"]]),
+                                source=f"benchmarks.gpu_recipe pack ({note})")
     cache = prepare_cache(df, prep, cache_dir, progress=False)  # what the commands will do: it must be a hit
-    if cache.path != folder or not cache.reused:
-        raise RuntimeError(f"the seeded cache {folder} was not reused by prepare_cache")
-    return open_cache(folder).path
+    if cache.path != seeded.path or not cache.reused:
+        raise RuntimeError(f"the seeded cache {seeded.path} was not reused by prepare_cache")
+    return seeded.path
 
 
 def check_split(labels: Path, images: Path, val_ids: set[str]) -> None:

@@ -162,22 +162,52 @@ def prepare_cache(
         else:
             out.flush()
             del out
-        index = df.iloc[keep][["id", "boneage", "male", "path"]].reset_index(drop=True)
-        index.to_csv(tmp / "index.csv", index=False)
-        meta = {"key": key, "n": int(len(keep)), "skipped": problems, "preprocess": asdict(cfg),
-                "preprocess_version": PREPROCESS_VERSION}
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        (tmp / "owner.pid").unlink()
-        try:
-            os.replace(tmp, folder)
-        except OSError:  # another process finished the same cache first
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(tmp, folder, df.iloc[keep], {"key": key, "n": int(len(keep)), "skipped": problems,
+                                              "preprocess": asdict(cfg), "preprocess_version": PREPROCESS_VERSION})
         cache = open_cache(folder)
         cache.reused = False
         return cache
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, folder: Path, rows: pd.DataFrame, meta: dict[str, object]) -> None:
+    """Finish a cache built in ``tmp`` (its ``images.u8`` written): the index and meta.json, then the rename."""
+    rows[["id", "boneage", "male", "path"]].reset_index(drop=True).to_csv(tmp / "index.csv", index=False)
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    (tmp / "owner.pid").unlink(missing_ok=True)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # another process finished the same cache first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def seed_cache(df: pd.DataFrame, cfg: PreprocessConfig, cache_dir: str | Path, images: np.ndarray, *,
+               source: str) -> PreparedCache:
+    """The cache ``prepare_cache(df, cfg, cache_dir)`` would build, from ``images`` (row i for ``df`` row i) that
+    ``preprocess`` with ``cfg`` already made elsewhere (``benchmarks.gpu_recipe`` ships them to a GPU machine as
+    WebP): the commands that call ``prepare_cache`` then reuse it. ``source`` goes into meta.json."""
+    root = Path(cache_dir)
+    key = cache_key(df, cfg)
+    folder = root / key
+    if not (folder / "meta.json").is_file():
+        if images.shape != (len(df), cfg.size, cfg.size) or images.dtype != np.uint8:
+            raise DataError(f"seed_cache: {len(df)} rows need uint8 images of {cfg.size} x {cfg.size} px, got "
+                            f"{images.dtype} {images.shape}")
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        try:
+            out = np.memmap(tmp / "images.u8", dtype=np.uint8, mode="w+", shape=images.shape)
+            out[:] = images
+            out.flush()
+            del out
+            _publish(tmp, folder, df, {"key": key, "n": len(df), "skipped": [], "preprocess": asdict(cfg),
+                                       "preprocess_version": PREPROCESS_VERSION, "seeded_from": source})
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return open_cache(folder)
 
 
 def _store(out: np.ndarray, i: int, img: np.ndarray | None, err: str | None, problems: list[str]) -> bool:

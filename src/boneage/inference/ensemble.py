@@ -1,7 +1,7 @@
 """What every runtime (PyTorch, ONNX Runtime) shares: ensembles, test-time augmentation, unknown sex.
 
 No torch here, so the ONNX path can run without it. A runtime supplies members (each with its
-``config``, eval ``transform``, ``path`` and ``mae_months``) and ``run_views``; the rest is here:
+``config``, ``path`` and ``mae_months``) and ``run_views``; the rest is here:
 images go through ``boneage.preprocess.preprocess`` once per distinct preprocessing config (the caller's
 job), ``infer`` makes the TTA views, runs each view through the encoder **once**, the head once with the sex known
 and once per sex with it unknown, and takes the out-of-distribution gate's features from that same pass (view 0,
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -32,7 +32,6 @@ class EnsembleMember(Protocol):
 
     path: str
     config: Config
-    transform: Any
 
     @property
     def mae_months(self) -> float | None: ...
@@ -55,13 +54,6 @@ def tta_views(image: np.ndarray, hflip: bool) -> list[np.ndarray]:
     if hflip:
         views.append(np.ascontiguousarray(image[:, ::-1]))
     return views
-
-
-def eval_batches(transform: Any, images: np.ndarray, batch_size: int = 32) -> Iterator[np.ndarray]:
-    """Preprocessed uint8 images [N, S, S] through the eval ``transform``, as float32 batches [B, 1, S, S]."""
-    for start in range(0, len(images), batch_size):
-        chunk = np.asarray(images[start:start + batch_size])
-        yield np.stack([transform(image=img)["image"] for img in chunk]).astype(np.float32)[:, None]
 
 
 @dataclass

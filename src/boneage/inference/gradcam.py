@@ -15,6 +15,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from boneage.inference.predictor import Member, Predictor
+from boneage.preprocess import normalise
 
 DISPLAY_SIZE = 384
 
@@ -41,7 +42,7 @@ def _regression_target(output: torch.Tensor) -> torch.Tensor:
 
 def member_cam(member: Member, preprocessed: np.ndarray, male: float | None, device: torch.device) -> np.ndarray:
     """Grad-CAM of one member for a preprocessed uint8 image [S, S] -> float32 [S, S] in [0, 1]."""
-    x = torch.from_numpy(np.asarray(member.transform(image=preprocessed)["image"], dtype=np.float32))[None, None]
+    x = torch.from_numpy(normalise(preprocessed[None]))  # [1, 1, S, S]: the one normalisation of inference
     wrapped = _ImageOnly(member.model, member.config.model.sex_input, male).eval()
     try:
         with GradCAM(model=wrapped, target_layers=[member.model.cam_layer]) as cam:

@@ -132,7 +132,6 @@ class OnnxMember:
     session: Any = field(repr=False)
     config: Config
     metadata: dict[str, str]
-    transform: Any = field(repr=False)  # None: inference normalises with boneage.preprocess.normalise
 
     @property
     def mae_months(self) -> float | None:
@@ -182,7 +181,7 @@ class OnnxPredictor(Ensemble):
                                       f"{', '.join(o.name for o in session.get_outputs())}); export it again from "
                                       "its checkpoint with 'boneage export'")
             cfg = Config.from_dict(json.loads(meta["config"]), source=f"{path} metadata")
-            self.members.append(OnnxMember(str(path), session, cfg, meta, None))
+            self.members.append(OnnxMember(str(path), session, cfg, meta))
 
     @property
     def device_label(self) -> str:

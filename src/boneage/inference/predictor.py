@@ -1,17 +1,17 @@
 """PyTorch inference: checkpoints -> bone age in months, with ensembles and TTA.
 
 Every member model keeps its own preprocessing settings (read from its checkpoint) and goes
-through the same ``boneage.preprocess.preprocess`` and ``build_transforms(..., "eval")`` as in
-training. Several checkpoints are averaged; test-time augmentation averages small rotations
+through the same ``boneage.preprocess.preprocess`` and ``boneage.preprocess.normalise`` (the eval transform of
+training, in numpy) as in training. Several checkpoints are averaged; test-time augmentation averages small rotations
 and shifts (and a flip only if the model was trained with flips): see ``boneage.inference.ensemble``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence, cast
+from typing import Sequence, cast
 
 import numpy as np
 import torch
@@ -21,10 +21,10 @@ from boneage.config import Config
 from boneage.device import autocast, check_precision
 from boneage.errors import CheckpointError
 from boneage.inference.conformal import Calibration
-from boneage.inference.ensemble import Ensemble, ViewOutputs, eval_batches
+from boneage.inference.ensemble import Ensemble, ViewOutputs
 from boneage.inference.ood import FeatureGate
 from boneage.models.heads import BoneAgeNet
-from boneage.transforms import build_transforms
+from boneage.preprocess import normalise
 
 
 @dataclass
@@ -35,7 +35,6 @@ class Member:
     model: torch.nn.Module
     config: Config
     state: dict
-    transform: Any = field(repr=False, default=None)  # build_transforms(..., "eval")
 
     @property
     def mean(self) -> float:
@@ -76,7 +75,7 @@ class Predictor(Ensemble):
             model, cfg, state = model_from_checkpoint(path)
             if cfg.model.task != "age":
                 raise CheckpointError(f"{path} is a '{cfg.model.task}' model; bone age needs task=age")
-            member = Member(str(path), model.to(self.device), cfg, state, build_transforms(cfg.augment, "eval"))
+            member = Member(str(path), model.to(self.device), cfg, state)
             self.members.append(member)
 
     @property
@@ -108,18 +107,18 @@ class Predictor(Ensemble):
         return months[0], months[1], features.float().cpu().numpy() if member.gate is not None else None
 
 
-def gate_features(model: torch.nn.Module, transform: Any, images: np.ndarray, device: torch.device | str = "cpu",
+def gate_features(model: torch.nn.Module, images: np.ndarray, device: torch.device | str = "cpu",
                   batch_size: int = 32) -> np.ndarray:
     """What the out-of-distribution gate scores (``BoneAgeNet.forward_with_features``) for preprocessed uint8
-    images [N, S, S] after ``transform`` (the eval one), in eval mode; shared by the fit at the end of training
-    and the check at inference."""
+    images [N, S, S] normalised by ``boneage.preprocess.normalise``, as inference normalises them, in eval mode: the
+    fit at the end of training (``boneage.training.gate``) sees what the check at inference sees."""
     was_training = model.training
     model.eval()
     out = []
     try:
         with torch.inference_mode():
-            for batch in eval_batches(transform, images, batch_size):
-                x = torch.from_numpy(batch).to(device)
+            for start in range(0, len(images), batch_size):
+                x = torch.from_numpy(normalise(np.asarray(images[start:start + batch_size]))).to(device)
                 male = torch.zeros(len(x), device=device) if getattr(model, "sex_input", False) else None
                 out.append(model.forward_with_features(x, male)[1].cpu().numpy())  # type: ignore[operator]
     finally:

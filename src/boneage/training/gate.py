@@ -1,9 +1,9 @@
 """Fit the out-of-distribution gate (``boneage.inference.ood``) at the end of training.
 
-Up to ``FIT_IMAGES`` training images (a fixed random subset, seeded by ``train.seed``) go through the best
-model with the eval transform, exactly as at inference (``gate_features``); the fitted gate and its threshold are
-stored as ``ood`` in ``best.pt``, so predict, evaluate, serve and ONNX exports can refuse images the model has never
-seen the like of.
+Up to ``FIT_IMAGES`` training images (a fixed random subset, seeded by ``train.seed``), normalised by
+``boneage.preprocess.normalise`` exactly as at inference, go through the best model (``gate_features``); the fitted
+gate and its threshold are stored as ``ood`` in ``best.pt``, so predict, evaluate, serve and ONNX exports can
+refuse images the model has never seen the like of.
 
 In training, ``GateFit`` fits it on the best weights held in memory, before ``best.pt`` is written for the last time
 (``training.checkpointing.FinalBestCallback``); ``fit_gate`` fits one into an existing checkpoint file (benchmarks).
@@ -20,11 +20,9 @@ import numpy as np
 import torch
 
 from boneage.checkpoint import config_from_checkpoint, model_from_checkpoint, save_checkpoint
-from boneage.config import AugmentConfig
 from boneage.data.cache import PreparedCache, open_cache
 from boneage.inference.ood import FIT_IMAGES, FeatureGate
 from boneage.inference.predictor import gate_features
-from boneage.transforms import build_transforms
 
 
 def gate_rows(train_idx: np.ndarray, seed: int, max_images: int = FIT_IMAGES) -> np.ndarray:
@@ -35,11 +33,11 @@ def gate_rows(train_idx: np.ndarray, seed: int, max_images: int = FIT_IMAGES) ->
     return rows
 
 
-def fit_on(model: torch.nn.Module, augment: AugmentConfig, images: np.ndarray,
+def fit_on(model: torch.nn.Module, images: np.ndarray,
            device: torch.device | str = "cpu") -> FeatureGate:
     """Fit the gate on the features ``model`` gives preprocessed uint8 ``images``, and say so on the console."""
     start = time.monotonic()
-    gate = FeatureGate.fit(gate_features(model, build_transforms(augment, "eval"), images, device))
+    gate = FeatureGate.fit(gate_features(model, images, device))
     print(f"out-of-distribution gate: fitted on {gate.n} training images in {time.monotonic() - start:.0f} s; "
           f"images beyond the {gate.percentile:g}th percentile of their distances are refused", flush=True)
     return gate
@@ -63,13 +61,13 @@ class GateFit:
         model.load_state_dict(best["model"])
         rows = gate_rows(self.train_idx, self.seed, self.max_images)
         images = np.asarray(open_cache(self.cache_path).images[rows])
-        return fit_on(model.to(device).eval(), cfg.augment, images, device).to_state()
+        return fit_on(model.to(device).eval(), images, device).to_state()
 
 
 def fit_gate(checkpoint: str | Path, cache: PreparedCache, train_idx: np.ndarray, *, seed: int,
              max_images: int = FIT_IMAGES) -> FeatureGate:
     """Fit the gate on the training rows ``train_idx`` of ``cache`` and write it into the file ``checkpoint``."""
     model, cfg, state = model_from_checkpoint(checkpoint)
-    gate = fit_on(model, cfg.augment, np.asarray(cache.images[gate_rows(train_idx, seed, max_images)]))
+    gate = fit_on(model, np.asarray(cache.images[gate_rows(train_idx, seed, max_images)]))
     save_checkpoint({**state, "ood": gate.to_state()}, checkpoint)
     return gate
